@@ -1,0 +1,741 @@
+"""Stochastic Parameter Decomposition (SPD) in one file.
+
+Bushnaq, Braun & Sharkey (2025), "Stochastic Parameter Decomposition", arXiv 2506.20790,
+Algorithm 1 ("SPD Pseudocode"), with the transformer extensions of Christensen & Riggs Smith,
+"Decomposition of Small Transformer Models" (attention causal-importance function, CI-masked and
+partial reconstruction losses, p annealing, KL divergence, last-token-only).
+
+Every decomposed weight matrix W^l [d_out, d_in] (nn.Linear layout) is written as a sum of C
+rank-one subcomponents W^l = U^l V^l. For each input a causal-importance function predicts how
+much each subcomponent may be ablated, and the losses train the subcomponents to be faithful,
+ablatable wherever they are unimportant, and unimportant as often as possible.
+
+Sections, in the order of Algorithm 1 (readers cite them by letter):
+  A  Config                         SPDConfig, the paper's defaults (appendix A.4)
+  B  Leaky hard sigmoids            eq. 14
+  C  Subcomponents                  U, V (eq. 1) and their initialisation
+  D  Causal-importance functions    Γ (eq. 6): scalar, vector, attention
+  E  Masks                          m = g + (1 - g) r, r ~ U(0, 1)
+  F  Decomposition                  target pass, pre-weight activations, masked forward passes
+  G  Losses                         faithfulness (eq. 2), stochastic recon (eq. 4), layerwise
+                                    (eq. 5), CI-masked and partial recon, importance minimality
+                                    (eq. 7), total (eq. 8); divergences D
+  H  Optimisation                   LR schedule, p annealing, one step, the loop
+  I  Metrics                        MMCS, ML2R (eqs. 9, 10), CI L0, alive subcomponents
+  J  Save and load
+
+Deliberately not supported: embedding matrices, adversarial (PGD) masks, the "delta component"
+and faithfulness warm-up of the authors' later code, multi-GPU training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FORMAT_VERSION = 1
+
+# ================================================================================================
+# A. Config
+# ================================================================================================
+
+
+@dataclass
+class SPDConfig:
+    """Hyperparameters of one decomposition. Defaults are the paper's TMS values (appendix A.4)."""
+
+    # --- what to decompose
+    targets: list[str] = field(default_factory=lambda: ["*"])  # dotted module paths, globs allowed
+    C: int = 20  # subcomponents per matrix (a dict {pattern: C} is accepted from Python)
+    # --- causal-importance function Γ
+    ci_fn: str = "scalar"  # scalar (SPD paper) | vector | attention (transformer paper)
+    d_gate: int = 16  # hidden width of each subcomponent's MLP γ_c
+    # --- loss coefficients (0 switches a term off and skips its computation)
+    faithfulness: float = 1.0
+    stochastic_recon: float = 1.0  # β1
+    stochastic_recon_layerwise: float = 1.0  # β2
+    importance_minimality: float = 3e-3  # β3
+    recon: float = 0.0  # CI-masked recon (masks = g, no noise); transformer paper
+    recon_layerwise: float = 0.0
+    stochastic_recon_partial: float = 0.0  # transformer paper eq. 6
+    recon_partial: float = 0.0  # transformer paper eq. 5
+    # --- importance minimality
+    p: float = 1.0  # p-norm; with p_final set, the starting value of a linear anneal
+    p_final: float | None = None  # anneal p linearly to this value over the run (None: fixed p)
+    # --- sampling and divergence
+    n_mask_samples: int = 1  # S
+    output_loss: str = "mse"  # D: mse (toy models) | kl (language models)
+    last_token_only: bool = False  # D on the final position only; CI lives at every position
+    # --- optimisation
+    steps: int = 40_000
+    batch_size: int = 4096
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # constant | cosine (quarter period, to 0) | linear
+    lr_warmup_pct: float = 0.0
+    weight_decay: float = 0.0  # AdamW; 0 is the paper's Adam
+    init: str = "projection"  # projection (authors' code) | normal
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "d_gate", "n_mask_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        Cs = self.C.values() if isinstance(self.C, dict) else [self.C]
+        if any(not isinstance(c, int) or c <= 0 for c in Cs):
+            raise ValueError(f"--C must be a positive integer, got {self.C}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.p <= 0 or (self.p_final is not None and self.p_final <= 0):
+            raise ValueError(f"--p and --p_final must be > 0, got {self.p} and {self.p_final}")
+        choices = {"ci_fn": CI_FNS, "output_loss": ("mse", "kl"), "init": ("projection", "normal"),
+                   "lr_schedule": ("constant", "cosine", "linear")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
+        if not 0 <= self.lr_warmup_pct < 1:
+            raise ValueError(f"--lr_warmup_pct must be in [0, 1), got {self.lr_warmup_pct}")
+
+
+# ================================================================================================
+# B. Leaky hard sigmoids (eq. 14)
+# ================================================================================================
+
+LEAK = 0.01
+
+
+def lower_leaky_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """σ_H,lower(x) = 0.01 x for x <= 0, x on [0, 1], 1 for x >= 1. Gives the CI g used in masks."""
+    return torch.where(x <= 0, LEAK * x, x.clamp(max=1.0))
+
+
+def upper_leaky_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """σ_H,upper(x) = 0 for x <= 0, x on [0, 1], 1 + 0.01 (x - 1) for x >= 1. Used in eq. 7 only."""
+    return torch.where(x >= 1, 1 + LEAK * (x - 1), x.clamp(min=0.0))
+
+
+# ================================================================================================
+# C. Subcomponents (eq. 1)
+# ================================================================================================
+
+
+class Components(nn.Module):
+    """C rank-one subcomponents of one matrix: W ≈ U V = Σ_c U[:, c] V[c, :] (eq. 1).
+
+    U [d_out, C] holds the write vectors u_c, V [C, d_in] the read vectors v_c. The masked layer
+    computes ((a V^T) * m) U^T: the per-example W' = U diag(m) V is never built.
+    """
+
+    def __init__(self, d_in: int, d_out: int, C: int):
+        super().__init__()
+        self.U = nn.Parameter(torch.empty(d_out, C))
+        self.V = nn.Parameter(torch.empty(C, d_in))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.U @ self.V  # [d_out, d_in]
+
+
+@torch.no_grad()
+def init_components_(comp: Components, W: torch.Tensor, how: str = "projection") -> None:
+    """Initialise U, V for target weight W [d_out, d_in].
+
+    The paper does not state an initialisation; "projection" is what the authors' code did for the
+    paper's runs: u_c, v_c random unit vectors, then u_c <- (u_c^T W v_c) u_c, so each subcomponent
+    starts as W's orthogonal projection onto u_c v_c^T. "normal" is their later default:
+    V ~ N(0, 1/d_in), U ~ N(0, 1/C). Both draw from the global torch RNG.
+    """
+    (d_out, C), d_in = comp.U.shape, comp.V.shape[1]
+    if how == "normal":
+        comp.V.normal_(0, d_in**-0.5)
+        comp.U.normal_(0, C**-0.5)
+        return
+    V = F.normalize(torch.randn_like(comp.V), dim=1)  # rows v_c unit norm      [C, d_in]
+    U = F.normalize(torch.randn_like(comp.U), dim=0)  # columns u_c unit norm   [d_out, C]
+    s = torch.einsum("oc,oi,ci->c", U, W.to(U), V)  # s_c = u_c^T W v_c          [C]
+    comp.U.copy_(U * s)
+    comp.V.copy_(V)
+
+
+# ================================================================================================
+# D. Causal-importance functions Γ (eq. 6; transformer paper §4.1 and Algorithm 1)
+# ================================================================================================
+# Each returns the *pre-sigmoid* scores [..., C]; section F applies σ_H,lower and σ_H,upper.
+
+_CHUNK_ELEMS = 1 << 18  # hidden elements per chunk of the scalar γ: small enough to stay in cache
+
+
+class _ScalarGamma(torch.autograd.Function):
+    """γ_c(h_c) = Σ_k w_out[c,k] GELU(w_in[c,k] h_c + b_in[c,k]) + b_out[c] for all c at once.
+
+    The hidden tensor [N, C, d_gate] dominates SPD's cost on the residual MLPs (2048 x 500 x 128
+    per matrix for resid_mlp3). It is never materialised whole: forward and backward walk over
+    chunks of subcomponents, and the backward recomputes each chunk instead of storing it. Same
+    math as plain autograd (test_spd.py compares the two), a fraction of the memory traffic.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w_in, b_in, w_out, b_out):
+        N, C = h.shape
+        hT = h.T.contiguous()  # [C, N]: chunks over C become contiguous blocks
+        out = torch.empty(C, N, dtype=h.dtype, device=h.device)
+        for sl in _chunks(C, N * w_in.shape[1]):
+            pre = torch.addcmul(b_in[sl, None, :], hT[sl, :, None], w_in[sl, None, :])  # [c, N, k]
+            torch.bmm(F.gelu(pre), w_out[sl, :, None], out=out[sl, :, None])  # [c, N, 1]
+        ctx.save_for_backward(hT, w_in, b_in, w_out)
+        return out.T + b_out  # [N, C]
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out [N, C]
+        hT, w_in, b_in, w_out = ctx.saved_tensors
+        C, N = hT.shape
+        goT = grad_out.T.contiguous()  # [C, N]
+        g_h, g_w_in, g_b_in, g_w_out = (torch.empty_like(t) for t in (hT, w_in, b_in, w_out))
+        for sl in _chunks(C, N * w_in.shape[1]):
+            pre = torch.addcmul(b_in[sl, None, :], hT[sl, :, None], w_in[sl, None, :])  # [c, N, k]
+            go = goT[sl, :, None]  # [c, N, 1]
+            torch.bmm(F.gelu(pre).transpose(1, 2), go, out=g_w_out[sl, :, None])  # [c, k, 1]
+            d_pre = torch.ops.aten.gelu_backward(go * w_out[sl, None, :], pre)  # [c, N, k]
+            torch.sum(d_pre, dim=1, out=g_b_in[sl])
+            torch.bmm(d_pre.transpose(1, 2), hT[sl, :, None], out=g_w_in[sl, :, None])  # [c, k, 1]
+            torch.bmm(d_pre, w_in[sl, :, None], out=g_h[sl, :, None])  # [c, N, 1]
+        return g_h.T, g_w_in, g_b_in, g_w_out, grad_out.sum(0)
+
+
+def _chunks(C: int, elems_per_c: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMS // max(elems_per_c, 1))
+    return [slice(i, min(i + step, C)) for i in range(0, C, step)]
+
+
+class ScalarCI(nn.Module):
+    """The SPD paper's Γ (eq. 6): one MLP γ_c: 1 -> d_gate (GELU) -> 1 per subcomponent, on its own
+    inner activation h_c = v_c · a. Init as the authors' code: w_in ~ N(0, 2), w_out ~ N(0, 1/d_gate),
+    biases 0."""
+
+    def __init__(self, C: int, d_gate: int):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(C, d_gate) * 2**0.5)
+        self.b_in = nn.Parameter(torch.zeros(C, d_gate))
+        self.w_out = nn.Parameter(torch.randn(C, d_gate) * d_gate**-0.5)
+        self.b_out = nn.Parameter(torch.zeros(C))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h [..., C] -> [..., C]
+        flat = h.reshape(-1, h.shape[-1])
+        return _ScalarGamma.apply(flat, self.w_in, self.b_in, self.w_out, self.b_out).reshape(h.shape)
+
+
+class VectorCI(nn.Module):
+    """Transformer paper's "vector" Γ: an independent MLP γ_c: d_in -> d_gate (GELU) -> 1 per
+    subcomponent, each reading the layer's whole input vector a. Init: w_in std sqrt(2/d_in),
+    w_out std 1/sqrt(d_gate), biases 0 (authors' later code)."""
+
+    def __init__(self, d_in: int, C: int, d_gate: int):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.randn(d_in, C, d_gate) * (2 / d_in) ** 0.5)
+        self.b_in = nn.Parameter(torch.zeros(C, d_gate))
+        self.w_out = nn.Parameter(torch.randn(C, d_gate) * d_gate**-0.5)
+        self.b_out = nn.Parameter(torch.zeros(C))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:  # a [..., d_in] -> [..., C]
+        d_in, C, k = self.w_in.shape
+        hidden = F.gelu((a @ self.w_in.reshape(d_in, C * k)).unflatten(-1, (C, k)) + self.b_in)  # [..., C, k]
+        return (hidden * self.w_out).sum(-1) + self.b_out
+
+
+class AttentionCI(nn.Module):
+    """Transformer paper's attention Γ (appendix A.1, Algorithm 1) for inputs x [B, S, d]:
+
+        x_pos = x + AbsPos[:S];  q = x Q;  k = x K;  v = x_pos V
+        a     = softmax((q k^T + r) / sqrt(d)) v,   r[n, j] = q_n · RelPos[j - n]  (Shaw-style)
+        Γ(x)  = (γ_1 ... γ_C)(a ⊕ x_pos)          with γ_c the vector MLPs above, on 2d inputs
+
+    One head, one layer, Q/K/V only (no biases, no output projection). Readings chosen where the
+    paper is silent: the relative table's d-dimensional rows are Shaw-style keys (q_n · R[j - n]);
+    attention is bidirectional unless causal=True; positional tables start at N(0, 0.02^2).
+    """
+
+    def __init__(self, d: int, C: int, d_gate: int, max_seq_len: int, causal: bool = False):
+        super().__init__()
+        self.Q, self.K, self.V = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.abs_pos = nn.Parameter(torch.randn(max_seq_len, d) * 0.02)  # AbsPosEnc [s, d]
+        self.rel_pos = nn.Parameter(torch.randn(2 * max_seq_len, d) * 0.02)  # RelPosEnc [2s, d]
+        self.gamma = VectorCI(2 * d, C, d_gate)
+        self.max_seq_len, self.causal = max_seq_len, causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, S, d] -> [B, S, C]
+        if x.dim() != 3:
+            raise ValueError(f"the attention CI function needs inputs [B, S, d], got shape {tuple(x.shape)}")
+        B, S, d = x.shape
+        if S > self.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds the CI function's max_seq_len {self.max_seq_len}")
+        x_pos = x + self.abs_pos[:S]
+        q, k, v = self.Q(x), self.K(x), self.V(x_pos)  # [B, S, d] each
+        offsets = torch.arange(S, device=x.device)[None, :] - torch.arange(S, device=x.device)[:, None]  # j - n
+        R = self.rel_pos[offsets + self.max_seq_len]  # [S, S, d]
+        scores = (q @ k.transpose(1, 2) + torch.einsum("bnd,njd->bnj", q, R)) / d**0.5  # [B, S, S]
+        if self.causal:
+            scores = scores.masked_fill(offsets > 0, float("-inf"))
+        a = scores.softmax(-1) @ v  # [B, S, d]
+        return self.gamma(torch.cat([a, x_pos], dim=-1))  # [B, S, C]
+
+
+CI_FNS = ("scalar", "vector", "attention")
+
+
+# ================================================================================================
+# E. Masks
+# ================================================================================================
+
+
+def sample_masks(ci: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """m = g + (1 - g) r with r ~ U(0, 1) per entry: a reparametrised sample of U(g, 1), so the
+    gradient reaches g through (1 - r). One call draws one independent set of masks."""
+    return {name: g + (1 - g) * torch.rand_like(g) for name, g in ci.items()}
+
+
+# ================================================================================================
+# F. Decomposition
+# ================================================================================================
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A module's weight in nn.Linear layout [d_out, d_in]. The one layout boundary: HF GPT-2's
+    Conv1D computes x W + b and stores W as [d_in, d_out], so it is transposed here."""
+    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+
+
+def _key(name: str) -> str:  # nn.ModuleDict keys may not contain "."
+    return name.replace(".", "/")
+
+
+class Decomposition(nn.Module):
+    """A frozen target model plus the subcomponents and CI functions of its chosen matrices.
+
+    Matrices are chosen by dotted module path (fnmatch globs) among nn.Linear and HF Conv1D
+    modules. A target may declare `tied_weights = {"linear2": "linear1"}` (TMS): linear2's weight is
+    linear1's transposed, so one (U, V) serves both uses, with a separate CI function per use.
+    Masked forward passes swap a module's `forward` for the subcomponent forward for the duration
+    of one call; the other modules run the target's own weights.
+    """
+
+    def __init__(self, target: nn.Module, targets: list[str], C: int | dict[str, int] = 20,
+                 ci_fn: str = "scalar", d_gate: int = 16, init: str = "projection",
+                 max_seq_len: int | None = None, tied: dict[str, str] | None = None):
+        super().__init__()
+        if ci_fn not in CI_FNS:
+            raise ValueError(f"unknown ci_fn {ci_fn!r}; choose one of {CI_FNS}")
+        self.target = target.requires_grad_(False).eval()
+        self.names = _resolve(target, targets)
+        self.tied = {s: t for s, t in (getattr(target, "tied_weights", {}) if tied is None else tied).items()
+                     if s in self.names}
+        self.ci_fn = ci_fn
+        self.C = {n: _pick_C(n, C) for n in self.names}
+        for s, t in self.tied.items():
+            if t not in self.names:
+                raise ValueError(f"{s} is tied to {t}, so {t} must be decomposed too (add it to --targets)")
+            if self.C[s] != self.C[t]:
+                raise ValueError(f"tied matrices {s} and {t} need the same C, got {self.C[s]} and {self.C[t]}")
+        self.components = nn.ModuleDict()
+        self.ci_fns = nn.ModuleDict()
+        for name in self.names:
+            d_out, d_in = linear_weight(self.module(name)).shape
+            C_l = self.C[name]
+            if name not in self.tied:
+                self.components[_key(name)] = comp = Components(d_in, d_out, C_l)
+                init_components_(comp, linear_weight(self.module(name)), init)
+            if ci_fn == "scalar":
+                self.ci_fns[_key(name)] = ScalarCI(C_l, d_gate)
+            elif ci_fn == "vector":
+                self.ci_fns[_key(name)] = VectorCI(d_in, C_l, d_gate)
+            else:
+                if max_seq_len is None:
+                    raise ValueError("the attention CI function needs max_seq_len")
+                self.ci_fns[_key(name)] = AttentionCI(d_in, C_l, d_gate, max_seq_len)
+
+    def module(self, name: str) -> nn.Module:
+        return self.target.get_submodule(name)
+
+    def UV(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U [d_out, C], V [C, d_in]) of one matrix; a tied matrix uses its partner's, transposed."""
+        if name in self.tied:
+            comp = self.components[_key(self.tied[name])]
+            return comp.V.T, comp.U.T
+        comp = self.components[_key(name)]
+        return comp.U, comp.V
+
+    def target_weights(self) -> dict[str, torch.Tensor]:
+        return {n: linear_weight(self.module(n)) for n in self.names}
+
+    def component_weights(self) -> dict[str, torch.Tensor]:
+        return {n: U @ V for n, (U, V) in ((n, self.UV(n)) for n in self.names)}
+
+    def parameters_to_train(self) -> list[nn.Parameter]:
+        return [*self.components.parameters(), *self.ci_fns.parameters()]
+
+    # --- Algorithm 1, step 2: target outputs and pre-weight activations a^l
+    @torch.no_grad()
+    def target_forward(self, x) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        acts: dict[str, torch.Tensor] = {}
+        hooks = [self.module(n).register_forward_pre_hook(functools.partial(_store_input, acts, n))
+                 for n in self.names]
+        try:
+            out = self.target(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out, acts
+
+    # --- Algorithm 1, the layer loop: h^l = V^l a^l, G^l_raw = Γ^l(.), g = σ_H(G_raw)
+    def causal_importance(self, acts: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Returns (ci_lower, ci_upper): dicts name -> [..., C]. Inputs are not detached, so the CI
+        losses also train V through h (as in the authors' code)."""
+        lower, upper = {}, {}
+        for name in self.names:
+            a = acts[name]
+            ci_in = a @ self.UV(name)[1].T if self.ci_fn == "scalar" else a  # h = a V^T  [..., C]
+            pre = self.ci_fns[_key(name)](ci_in)
+            lower[name], upper[name] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
+        return lower, upper
+
+    def component_forward(self, name: str, a: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One matrix replaced by its subcomponents: ((a V^T) * m) U^T + b, b the target's frozen bias."""
+        U, V = self.UV(name)
+        h = a @ V.T  # [..., C]
+        if mask is not None:
+            h = h * mask
+        out = h @ U.T  # [..., d_out]
+        bias = getattr(self.module(name), "bias", None)
+        return out if bias is None else out + bias
+
+    @contextmanager
+    def replaced(self, masks: dict[str, torch.Tensor | None]):
+        """Within the block, each module named in `masks` runs component_forward with its mask (None:
+        unmasked U V); every other module keeps the target's weights."""
+        for name in masks:
+            if name not in self.C:
+                raise KeyError(f"{name!r} is not a decomposed matrix; decomposed: {self.names}")
+        try:
+            for name, mask in masks.items():
+                self.module(name).forward = functools.partial(self.component_forward, name, mask=mask)
+            yield
+        finally:
+            for name in masks:
+                self.module(name).__dict__.pop("forward", None)
+
+    def forward(self, x, masks: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        with self.replaced(masks):
+            return self.target(x)
+
+
+def _store_input(store: dict, name: str, module: nn.Module, args: tuple) -> None:
+    store[name] = args[0]
+
+
+def _resolve(target: nn.Module, patterns: list[str]) -> list[str]:
+    modules = dict(target.named_modules())
+    names = []
+    for pat in patterns:
+        hits = [n for n in modules if n and fnmatch.fnmatchcase(n, pat) and n not in names]
+        if not hits and pat not in names:
+            raise ValueError(f"pattern {pat!r} matches no module of {type(target).__name__}; "
+                             f"modules are e.g. {[n for n in modules if n][:12]}")
+        names += hits
+    # A glob like "*" also matches containers; keep only the matrices, but reject an explicit non-matrix.
+    for n in names:
+        if n in patterns and not _is_linear(modules[n]):
+            raise ValueError(f"{n} is a {type(modules[n]).__name__}; only nn.Linear and Conv1D can be decomposed")
+    linearish = [n for n in names if _is_linear(modules[n])]
+    if not linearish:
+        raise ValueError(f"patterns {patterns} match no nn.Linear / Conv1D module (matched {names})")
+    return linearish
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "TiedTranspose")
+
+
+def _pick_C(name: str, C: int | dict[str, int]) -> int:
+    hits = [C] if isinstance(C, int) else [c for pat, c in C.items() if fnmatch.fnmatchcase(name, pat)]
+    if not hits:
+        raise ValueError(f"no entry of C {C} matches matrix {name}")
+    if not isinstance(hits[0], int) or hits[0] <= 0:
+        raise ValueError(f"C must be a positive integer, got {hits[0]} for {name}")
+    return hits[0]
+
+
+# ================================================================================================
+# G. Losses
+# ================================================================================================
+
+
+def faithfulness_loss(target_weights: dict[str, torch.Tensor], component_weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Eq. 2: L_faithfulness = 1/N Σ_l Σ_ij (W^l_ij - Σ_c U^l_ic V^l_cj)^2.
+    Note: N counts the entries of the decomposed matrices only (as the authors' code), not every
+    parameter of the target as the paper's text says; tied matrices count twice."""
+    sq = sum(((target_weights[n] - component_weights[n]) ** 2).sum() for n in target_weights)
+    return sq / sum(w.numel() for w in target_weights.values())
+
+
+def importance_minimality_loss(ci_upper: dict[str, torch.Tensor], p: float, eps: float = 1e-12) -> torch.Tensor:
+    """Eq. 7: L_importance-minimality = Σ_l Σ_c |g^l_c(x)|^p, averaged over every leading batch and
+    position dimension. eps (from the authors' later code) keeps the gradient finite for p < 1."""
+    return sum(((g + eps) ** p).sum(-1).mean() for g in ci_upper.values())
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """D for the toy models: mean over batch *and* output features (as the authors' code)."""
+    return ((out - target) ** 2).mean()
+
+
+def kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """D for language models: KL(target || model), summed over the vocabulary and averaged over
+    batch and positions. Note: the paper writes D(f', f); the target distribution comes first."""
+    log_p, log_q = target_logits.log_softmax(-1), logits.log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def make_divergence(output_loss: str, last_token_only: bool = False) -> Callable:
+    """D(out, target). last_token_only compares the final position [:, -1] only (transformer paper)."""
+    D = {"mse": mse, "kl": kl}[output_loss]
+    return (lambda out, target: D(out[:, -1], target[:, -1])) if last_token_only else D
+
+
+def stochastic_recon_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, S: int = 1) -> torch.Tensor:
+    """Eq. 4: 1/S Σ_s D(f(x | W'(x, r^(s))), f(x | W)), every decomposed matrix stochastically masked."""
+    return sum(D(dec(x, sample_masks(ci)), target_out) for _ in range(S)) / S
+
+
+def stochastic_recon_layerwise_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, S: int = 1) -> torch.Tensor:
+    """Eq. 5: 1/(LS) Σ_s Σ_l D(f(x | W^1, ..., W'^l(x, r^(l,s)), ..., W^L), f(x | W)).
+    Note: the other matrices keep the target's weights (the paper's main text and code; its
+    pseudocode says U diag(1) V), and the masks are drawn afresh, independent of eq. 4's."""
+    total = 0.0
+    for _ in range(S):
+        masks = sample_masks(ci)
+        total = total + sum(D(dec(x, {n: masks[n]}), target_out) for n in dec.names)
+    return total / (S * len(dec.names))
+
+
+def recon_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable) -> torch.Tensor:
+    """CI-masked recon (transformer paper §4): D with every mask set to exactly g, no sampling."""
+    return D(dec(x, ci), target_out)
+
+
+def recon_layerwise_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable) -> torch.Tensor:
+    """Layerwise CI-masked recon: mean over matrices l of D with only matrix l masked by g."""
+    return sum(D(dec(x, {n: ci[n]}), target_out) for n in dec.names) / len(dec.names)
+
+
+def random_subset(names: list[str], generator: torch.Generator | None = None) -> list[str]:
+    """A subset M of the decomposed matrices: k ~ U{1..L}, then a uniformly random k-subset. The
+    transformer paper does not give the distribution; this is the authors' later code's, drawn once
+    per forward pass (the paper's eqs. 5-6) rather than per position."""
+    L = len(names)
+    k = int(torch.randint(1, L + 1, (1,), generator=generator))
+    return [names[i] for i in torch.randperm(L, generator=generator)[:k].tolist()]
+
+
+def recon_partial_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable) -> torch.Tensor:
+    """Transformer paper eq. 5: D(f(x | W^l(x, g^l) for l in M, target W elsewhere), f(x | W))."""
+    return D(dec(x, {n: ci[n] for n in random_subset(dec.names)}), target_out)
+
+
+def stochastic_recon_partial_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, S: int = 1) -> torch.Tensor:
+    """Transformer paper eq. 6: 1/S Σ_s D(f(x | W^l(x, r^(l,s)) for l in M^(s), target W elsewhere),
+    f(x | W)), with a fresh subset M^(s) and fresh masks per sample."""
+    total = 0.0
+    for _ in range(S):
+        masks = sample_masks(ci)
+        total = total + D(dec(x, {n: masks[n] for n in random_subset(dec.names)}), target_out)
+    return total / S
+
+
+RECON_LOSSES = {  # name (= SPDConfig coefficient) -> loss(dec, x, target_out, ci_lower, D, S)
+    "stochastic_recon": stochastic_recon_loss,
+    "stochastic_recon_layerwise": stochastic_recon_layerwise_loss,
+    "stochastic_recon_partial": stochastic_recon_partial_loss,
+    "recon": lambda dec, x, y, ci, D, S: recon_loss(dec, x, y, ci, D),
+    "recon_layerwise": lambda dec, x, y, ci, D, S: recon_layerwise_loss(dec, x, y, ci, D),
+    "recon_partial": lambda dec, x, y, ci, D, S: recon_partial_loss(dec, x, y, ci, D),
+}
+
+
+def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float) -> dict[str, torch.Tensor]:
+    """Algorithm 1, one step's losses; "total" is eq. 8 (plus the transformer paper's terms):
+    L = β_f L_faithfulness + β1 L_stochastic-recon + β2 L_stochastic-recon-layerwise + β3 L_importance-minimality.
+    Terms whose coefficient is 0 are not computed."""
+    target_out, acts = dec.target_forward(x)
+    ci_lower, ci_upper = dec.causal_importance(acts)
+    D = make_divergence(cfg.output_loss, cfg.last_token_only)
+    losses = {"faithfulness": faithfulness_loss(dec.target_weights(), dec.component_weights()),
+              "importance_minimality": importance_minimality_loss(ci_upper, p)}
+    for name, fn in RECON_LOSSES.items():
+        if getattr(cfg, name):
+            losses[name] = fn(dec, x, target_out, ci_lower, D, cfg.n_mask_samples)
+    losses["total"] = sum(getattr(cfg, name) * value for name, value in losses.items())
+    return losses
+
+
+# ================================================================================================
+# H. Optimisation
+# ================================================================================================
+
+
+def lr_at(step: int, cfg: SPDConfig) -> float:
+    """Linear warm-up from 0 over lr_warmup_pct of the steps, then the schedule. "cosine" is the
+    authors' quarter period lr cos(π/2 · s/(S-1)), which ends at 0 (the paper says only "cosine")."""
+    warmup = int(cfg.steps * cfg.lr_warmup_pct)
+    if step < warmup:
+        return cfg.lr * step / warmup
+    s, S = step - warmup, cfg.steps - warmup
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * (math.cos(math.pi / 2 * s / (S - 1)) if S > 1 else 1.0)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1 - s / S)
+    return cfg.lr
+
+
+def p_at(step: int, cfg: SPDConfig) -> float:
+    """Importance-minimality p, annealed linearly from p to p_final over the whole run (transformer
+    paper: 0.9 -> 0.1; the start and end fractions are not given, so the whole run is used)."""
+    if cfg.p_final is None:
+        return cfg.p
+    return cfg.p + (cfg.p_final - cfg.p) * step / max(cfg.steps - 1, 1)
+
+
+def optimize(dec: Decomposition, batch_fn: Callable[[int], object], cfg: SPDConfig,
+             log: Callable[[int, dict], None] | None = None, log_every: int = 1000,
+             checkpoint: Callable[[int], None] | None = None, save_every: int = 0,
+             progress: bool = True) -> dict[str, float]:
+    """Algorithm 1's training loop: AdamW (weight decay cfg.weight_decay, 0 = Adam) over U, V and Γ.
+    Calls log(step, losses) every log_every steps and checkpoint(step) every save_every steps.
+    Raises FloatingPointError on a non-finite loss (what was last checkpointed is kept)."""
+    from tqdm import tqdm
+
+    params = dec.parameters_to_train()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bar = tqdm(range(cfg.steps), disable=not progress, desc="SPD", dynamic_ncols=True, mininterval=1.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        losses = spd_losses(dec, batch_fn(cfg.batch_size), cfg, p_at(step, cfg))
+        if not torch.isfinite(losses["total"]):
+            bad = {k: v.item() for k, v in losses.items()}
+            raise FloatingPointError(f"non-finite loss at step {step}: {bad}; try a lower --lr "
+                                     f"(was {cfg.lr}) or check the target model's outputs")
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        opt.step()
+        if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
+            log(step, {k: v.item() for k, v in losses.items()})
+            bar.set_postfix(total=f"{float(losses['total']):.3g}")
+        if checkpoint is not None and save_every and (step + 1) % save_every == 0:
+            checkpoint(step + 1)
+    return {k: v.item() for k, v in losses.items()}
+
+
+# ================================================================================================
+# I. Metrics
+# ================================================================================================
+
+
+def mmcs_ml2r(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[float, float]:
+    """Eqs. 9, 10 for W [d_out, d_in] with columns W[:, j] (TMS: feature j's embedding).
+
+    MMCS = 1/d_in Σ_j max_c cos(U[:, c] V[c, j], W[:, j]);
+    ML2R = 1/d_in Σ_j |U[:, mcs(j)] V[mcs(j), j]| / |W[:, j]|, mcs(j) the argmax of the cosine.
+    """
+    sub = U.T[:, :, None] * V[:, None, :]  # column j of subcomponent c    [C, d_out, d_in]
+    norms = sub.norm(dim=1)  # [C, d_in]
+    W_norms = W.norm(dim=0)  # [d_in]
+    cos = torch.einsum("coj,oj->cj", sub, W) / ((norms + 1e-12) * (W_norms + 1e-12))  # [C, d_in]
+    best, idx = cos.max(dim=0)  # [d_in]
+    ratio = norms.gather(0, idx[None])[0] / W_norms
+    return float(best.mean()), float(ratio.mean())
+
+
+def ci_l0(ci: dict[str, torch.Tensor], threshold: float = 0.0) -> dict[str, float]:
+    """Mean number of subcomponents per example (and position) with g > threshold, per matrix."""
+    return {n: float((g > threshold).float().sum(-1).mean()) for n, g in ci.items()}
+
+
+def alive(ci: dict[str, torch.Tensor], threshold: float = 0.1) -> dict[str, int]:
+    """Subcomponents with g > threshold on at least one example (and position), per matrix."""
+    return {n: int((g > threshold).reshape(-1, g.shape[-1]).any(0).sum()) for n, g in ci.items()}
+
+
+def permute_to_identity(ci: torch.Tensor) -> torch.Tensor:
+    """Column order for a [n_inputs, C] CI matrix: for each input in turn, its highest unused
+    column; unused columns follow in index order (the paper's Figures 8, 12, 13)."""
+    used: list[int] = []
+    for row in ci[: ci.shape[1]]:
+        free = [c for c in row.argsort(descending=True).tolist() if c not in used]
+        used.append(free[0])
+    return torch.tensor(used + [c for c in range(ci.shape[1]) if c not in used])
+
+
+# ================================================================================================
+# J. Save and load
+# ================================================================================================
+
+
+def save(dec: Decomposition, out_dir: str | os.PathLike, config: dict | None = None, step: int | None = None) -> None:
+    """Writes decomposition.pt (U, V and Γ parameters only; loadable with weights_only=True) and
+    config.json (format version, matrices, C, the run's config). Each file is written to a
+    temporary name and renamed, so a run killed mid-save keeps the previous checkpoint."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format_version": FORMAT_VERSION, "step": step, "names": dec.names, "C": dec.C,
+            "ci_fn": dec.ci_fn, "tied": dec.tied,
+            "shapes": {n: list(linear_weight(dec.module(n)).shape) for n in dec.names},
+            "config": config or {}}
+    tmp = out / "decomposition.pt.tmp"
+    state = {k: v for k, v in dec.state_dict().items() if not k.startswith("target.")}
+    torch.save(state, tmp)
+    os.replace(tmp, out / "decomposition.pt")
+    (out / "config.json.tmp").write_text(json.dumps(meta, indent=2, default=_jsonable))
+    os.replace(out / "config.json.tmp", out / "config.json")
+
+
+def load(dec: Decomposition, run_dir: str | os.PathLike) -> dict:
+    """Loads decomposition.pt into `dec` (built for the same target and settings) and returns the
+    saved config.json. Raises ValueError naming what does not match."""
+    run = Path(run_dir)
+    meta_path, weights_path = run / "config.json", run / "decomposition.pt"
+    for p in (meta_path, weights_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} not found; is {run} a run folder written by spd.save?")
+    try:
+        meta = json.loads(meta_path.read_text())
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, keep the cause
+        raise ValueError(f"cannot read checkpoint in {run}: {e}") from e
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
+    shapes = {n: list(linear_weight(dec.module(n)).shape) for n in dec.names}
+    for what, saved, ours in (("matrices", meta["names"], dec.names), ("C", meta["C"], dec.C),
+                              ("ci_fn", meta["ci_fn"], dec.ci_fn), ("weight shapes", meta["shapes"], shapes)):
+        if saved != ours:
+            raise ValueError(f"checkpoint {run} does not match this model: its {what} are {saved}, "
+                             f"the model's are {ours}")
+    ours = {k: v for k, v in dec.state_dict().items() if not k.startswith("target.")}
+    bad = {k for k in ours if k not in state or state[k].shape != ours[k].shape} | (state.keys() - ours.keys())
+    if bad:
+        raise ValueError(f"checkpoint {run} does not match this decomposition; mismatched tensors: {sorted(bad)[:8]}")
+    dec.load_state_dict(state, strict=False)
+    return meta
+
+
+def _jsonable(o):
+    return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)

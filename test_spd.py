@@ -78,8 +78,9 @@ def naive_scalar_gamma(ci, h):
                         for c in range(h.shape[-1])], -1)
 
 
-@pytest.mark.parametrize("chunk", [1 << 18, 40])  # one chunk, and many small ones
-def test_scalar_ci_matches_autograd(monkeypatch, chunk):
+@pytest.mark.parametrize("stream_above,chunk", [(1 << 24, 0), (0, 1 << 18), (0, 40)])  # plain; streamed in one / many chunks
+def test_scalar_ci_matches_autograd(monkeypatch, stream_above, chunk):
+    monkeypatch.setattr(spd, "_STREAM_ABOVE", stream_above)
     monkeypatch.setattr(spd, "_CHUNK_ELEMS", chunk)
     torch.manual_seed(0)
     ci = spd.ScalarCI(C=7, d_gate=5)

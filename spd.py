@@ -503,17 +503,23 @@ def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean()
 
 
-def kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+def kl(logits: torch.Tensor, target_logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """D for language models: KL(target || model), summed over the vocabulary and averaged over
-    batch and positions. Note: the paper writes D(f', f); the target distribution comes first."""
+    batch and positions (only the `valid` ones [B, S], e.g. not padding, if given).
+    Note: the paper writes D(f', f); the target distribution comes first."""
     log_p, log_q = target_logits.log_softmax(-1), logits.log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B] or [B, S]
+    return per_position.mean() if valid is None else per_position[valid].mean()
 
 
-def make_divergence(output_loss: str, last_token_only: bool = False) -> Callable:
-    """D(out, target). last_token_only compares the final position [:, -1] only (transformer paper)."""
-    D = {"mse": mse, "kl": kl}[output_loss]
-    return (lambda out, target: D(out[:, -1], target[:, -1])) if last_token_only else D
+def make_divergence(output_loss: str, last_token_only: bool = False, valid: torch.Tensor | None = None) -> Callable:
+    """D(out, target). last_token_only compares the final position [:, -1] only (transformer paper);
+    valid [B, S] restricts a KL to real (non-padding) positions."""
+    if output_loss == "mse":
+        return (lambda out, target: mse(out[:, -1], target[:, -1])) if last_token_only else mse
+    if last_token_only:
+        return lambda out, target: kl(out[:, -1], target[:, -1])
+    return lambda out, target: kl(out, target, valid)
 
 
 def stochastic_recon_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, S: int = 1) -> torch.Tensor:
@@ -576,13 +582,16 @@ RECON_LOSSES = {  # name (= SPDConfig coefficient) -> loss(dec, x, target_out, c
 }
 
 
-def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float) -> dict[str, torch.Tensor]:
+def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Algorithm 1, one step's losses; "total" is eq. 8 (plus the transformer paper's terms):
     L = β_f L_faithfulness + β1 L_stochastic-recon + β2 L_stochastic-recon-layerwise + β3 L_importance-minimality.
-    Terms whose coefficient is 0 are not computed."""
+    Terms whose coefficient is 0 are not computed. valid [B, S] marks real (non-padding) positions
+    of a language-model batch: D and importance minimality then ignore the others."""
     target_out, acts = dec.target_forward(x)
     ci_lower, ci_upper = dec.causal_importance(acts)
-    D = make_divergence(cfg.output_loss, cfg.last_token_only)
+    D = make_divergence(cfg.output_loss, cfg.last_token_only, valid)
+    if valid is not None:
+        ci_upper = {n: g[valid] for n, g in ci_upper.items()}  # [N_valid, C]
     losses = {"faithfulness": faithfulness_loss(dec.target_weights(), dec.component_weights()),
               "importance_minimality": importance_minimality_loss(ci_upper, p)}
     for name, fn in RECON_LOSSES.items():
@@ -619,11 +628,12 @@ def p_at(step: int, cfg: SPDConfig) -> float:
     return cfg.p + (cfg.p_final - cfg.p) * step / max(cfg.steps - 1, 1)
 
 
-def optimize(dec: Decomposition, batch_fn: Callable[[int], object], cfg: SPDConfig,
+def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple], cfg: SPDConfig,
              log: Callable[[int, dict], None] | None = None, log_every: int = 1000,
              checkpoint: Callable[[int], None] | None = None, save_every: int = 0,
              progress: bool = True) -> dict[str, float]:
     """Algorithm 1's training loop: AdamW (weight decay cfg.weight_decay, 0 = Adam) over U, V and Γ.
+    batch_fn(batch_size) returns inputs x, or (x, valid) with valid [B, S] marking real positions.
     Calls log(step, losses) every log_every steps and checkpoint(step) every save_every steps.
     Raises FloatingPointError on a non-finite loss (what was last checkpointed is kept)."""
     from tqdm import tqdm
@@ -634,7 +644,9 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], object], cfg: SPDConf
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        losses = spd_losses(dec, batch_fn(cfg.batch_size), cfg, p_at(step, cfg))
+        batch = batch_fn(cfg.batch_size)
+        x, valid = batch if isinstance(batch, tuple) else (batch, None)
+        losses = spd_losses(dec, x, cfg, p_at(step, cfg), valid)
         if not torch.isfinite(losses["total"]):
             bad = {k: v.item() for k, v in losses.items()}
             raise FloatingPointError(f"non-finite loss at step {step}: {bad}; try a lower --lr "

@@ -303,6 +303,8 @@ def test_kl_by_hand_and_last_token_only():
     assert spd.kl(q, t).item() == pytest.approx(kl_last / 2, abs=1e-6)
     assert spd.make_divergence("kl", last_token_only=True)(q, t).item() == pytest.approx(kl_last, abs=1e-6)
     assert spd.kl(t, t).item() == pytest.approx(0, abs=1e-7)
+    valid = torch.tensor([[False, True]])  # position 0 is padding
+    assert spd.make_divergence("kl", valid=valid)(q, t).item() == pytest.approx(kl_last, abs=1e-6)
 
 
 def test_layerwise_equals_stochastic_for_one_matrix():

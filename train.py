@@ -40,7 +40,20 @@ PRESETS: dict[str, dict] = {
     "resid_mlp2": dict(_RESID, C=400, importance_minimality=1e-5, lr=1e-3, steps=50_000),
     # Paper's 200k steps ("converges around 70k"); the authors' final config has 100k.
     "resid_mlp3": dict(_RESID, C=500, d_gate=128, importance_minimality=5e-6, lr=1e-3, steps=200_000),
+    # Transformer paper, Table 4. O is decomposed too (authors' config); pass --targets to drop it.
+    "induction": dict(targets=[f"blocks.*.attn.{m}" for m in ("q_proj", "k_proj", "v_proj", "out_proj")],
+                      C=100, d_gate=16, ci_fn="attention", faithfulness=1000.0, stochastic_recon=1.0,
+                      stochastic_recon_layerwise=1.0, recon=0.5, importance_minimality=0.02, p=0.9, p_final=0.1,
+                      output_loss="kl", last_token_only=True, lr=1e-3, lr_schedule="cosine", steps=100_000,
+                      batch_size=1024),
+    # Transformer paper, Figure 6 table: all 48 Conv1D matrices of GPT-2 small, both sentences every step.
+    "gpt2": dict(targets=[f"model.transformer.h.*.{m}" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")],
+                 C=768, d_gate=64, ci_fn="vector", faithfulness=1e6, stochastic_recon=0.1,
+                 stochastic_recon_layerwise=0.1, recon=0.1, stochastic_recon_partial=10.0, recon_partial=10.0,
+                 importance_minimality=0.05, p=0.9, p_final=0.1, output_loss="kl", lr=1e-3, weight_decay=0.05,
+                 lr_schedule="constant", lr_warmup_pct=0.01, steps=20_000, batch_size=2),
 }
+GPT2_SENTENCES = ["Kobe Bryant plays the sport of basketball", "Tiger Woods plays the sport of golf"]
 TARGET_FLAGS = ("n_features", "n_hidden", "n_hidden_layers", "n_layers", "d_embed", "d_mlp")
 
 
@@ -56,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--log_every", type=int, default=1000)
     ap.add_argument("--save_every", type=int, default=5000, help="checkpoint every N steps (0: only at the end)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bars")
+    ap.add_argument("--pretrained", default="gpt2", help="gpt2: HF model name or local folder")
+    ap.add_argument("--dataset", default=None, help="gpt2: text file, one prompt per line (default: the paper's two sentences)")
     for name in TARGET_FLAGS:
         ap.add_argument(f"--{name}", type=int, help="target size override")
     for f in dataclasses.fields(spd.SPDConfig):  # every hyperparameter is a flag
@@ -78,6 +93,16 @@ def pick_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise SystemExit(f"--device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
+
+
+def get_gpt2(args, device):
+    """GPT-2 from HF (a name, or a local folder when offline) and its fixed prompt batch (tokens, valid)."""
+    hf_model, tokenizer = models.load_gpt2(args.pretrained)
+    sentences = GPT2_SENTENCES if args.dataset is None else [l.strip() for l in open(args.dataset) if l.strip()]
+    tokens, valid = analysis.tokenize_prompts(tokenizer, sentences)
+    tcfg = {"family": "gpt2", "pretrained": args.pretrained, "sentences": sentences,
+            "seq_len": tokens.shape[1]}
+    return models.GPT2Logits(hf_model).to(device), tcfg, tokenizer, (tokens.to(device), valid.to(device))
 
 
 def get_target(args, device) -> tuple[torch.nn.Module, dict]:
@@ -122,7 +147,10 @@ def main(argv=None) -> dict:
     print(f"run folder: {out}   device: {device}")
 
     # --- target
-    target, tcfg = get_target(args, device)
+    if args.model == "gpt2":
+        target, tcfg, tokenizer, prompts = get_gpt2(args, device)
+    else:
+        target, tcfg = get_target(args, device)
     if tcfg["family"] == "tms" and not models.tms_target_ok(target):
         print("WARNING: the trained TMS target leaves a feature unrepresented (a column of W near 0);"
               " MMCS/ML2R will measure the target, not SPD. Try another --target_seed.")
@@ -134,7 +162,7 @@ def main(argv=None) -> dict:
                                 max_seq_len=tcfg.get("seq_len")).to(device)
     except ValueError as e:
         raise SystemExit(str(e))
-    sample = models.batch_fn(tcfg, device)
+    sample = (lambda b, g=None: prompts) if args.model == "gpt2" else models.batch_fn(tcfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg}
     log_file = open(out / "losses.jsonl", "a")
@@ -163,7 +191,12 @@ def main(argv=None) -> dict:
         metrics.update(analysis.evaluate_tms(dec, out))
     elif tcfg["family"] == "resid_mlp":
         metrics.update(analysis.evaluate_resid_mlp(dec, target, out))
-    analysis.plot_ci_histograms(dec, eval_batch, out / "ci_histograms.png")
+    elif tcfg["family"] == "induction":
+        metrics.update(analysis.evaluate_induction(dec, target, cfg, out))
+    elif tcfg["family"] == "gpt2":
+        metrics.update(analysis.evaluate_gpt2(dec, target, tokenizer, out))
+    analysis.plot_ci_histograms(dec, eval_batch[0] if isinstance(eval_batch, tuple) else eval_batch,
+                                out / "ci_histograms.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=1))
     return metrics

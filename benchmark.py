@@ -1,0 +1,126 @@
+"""Speed of one SPD training step at each preset's paper hyperparameters.
+
+    python benchmark.py                          # toy presets: ms/step, peak memory, ratio to the authors' code
+    python benchmark.py --presets induction --seq_lens 16 64 1024 --ci_fns scalar vector attention
+    python benchmark.py --presets gpt2           # GPT-2 small architecture, random weights (same cost)
+
+Each (preset, CI function, sequence length) runs in its own subprocess, so the peak memory is
+that configuration's alone (RSS on CPU, torch.cuda.max_memory_allocated on GPU). A step is the
+whole loop iteration: batch, target pass, CI, every loss, backward, optimizer step. Reported:
+the median over the timed steps after warm-up. The authors' code on a 2-core CPU (torch 2.13,
+../shared/reference/spd-paper-code-facts.md §11) took the REFERENCE_MS below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+REFERENCE_MS = {"tms_5-2": 19.0, "tms_5-2-id": 31.0, "resid_mlp1": 120.0, "resid_mlp3": 15_800.0}
+TOY = ["tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2", "resid_mlp3"]
+
+
+def build(preset: str, ci_fn: str | None, seq_len: int | None, device: torch.device, batch: int | None):
+    import models
+    import spd
+    import train
+
+    overrides = {"ci_fn": ci_fn} if ci_fn else {}
+    if batch:
+        overrides["batch_size"] = batch
+    cfg = spd.SPDConfig(**{**train.PRESETS[preset], **overrides})
+    if preset == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel  # GPT-2 small's shapes; weights do not change the cost
+
+        target = models.GPT2Logits(GPT2LMHeadModel(GPT2Config()).eval())
+        S = seq_len or 8
+        tokens = torch.randint(0, 50257, (cfg.batch_size, S), device=device)
+        sample = lambda b: tokens  # noqa: E731
+    else:
+        sizes = {"seq_len": seq_len} if seq_len else {}
+        target, tcfg = models.build_target(preset, **sizes)
+        S = tcfg.get("seq_len")
+        fn = models.batch_fn(tcfg, device)
+        sample = lambda b: fn(b)  # noqa: E731
+    torch.manual_seed(0)
+    dec = spd.Decomposition(target.to(device), cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate,
+                            max_seq_len=S).to(device)
+    return dec, cfg, sample
+
+
+def time_one(preset, ci_fn, seq_len, steps, device_name, batch) -> dict:
+    import spd
+
+    device = torch.device(device_name)
+    dec, cfg, sample = build(preset, ci_fn, seq_len, device, batch)
+    opt = torch.optim.AdamW(dec.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    times = []
+    for _ in range(steps + 2):  # two warm-up steps
+        t = time.perf_counter()
+        losses = spd.spd_losses(dec, sample(cfg.batch_size), cfg, cfg.p)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    ms = sorted(times[2:])[len(times[2:]) // 2] * 1000
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"preset": preset, "ci_fn": cfg.ci_fn, "seq_len": seq_len, "batch": cfg.batch_size, "C": cfg.C,
+            "d_gate": cfg.d_gate, "ms_per_step": ms, "it_per_s": 1000 / ms, "peak_gb": peak / 1e9,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+            "reference_ms": REFERENCE_MS.get(preset) if device.type == "cpu" else None}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=TOY)
+    ap.add_argument("--ci_fns", nargs="+", default=[None], help="override the preset's CI function(s)")
+    ap.add_argument("--seq_lens", nargs="+", type=int, default=[None], help="induction/gpt2 sequence lengths")
+    ap.add_argument("--batch", type=int, default=None, help="override the batch size (the paper's Table 2 uses 64)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._one:  # child process: one configuration
+        preset, ci_fn, seq_len = args._one
+        row = time_one(preset, None if ci_fn == "-" else ci_fn, None if seq_len == "-" else int(seq_len),
+                       args.steps, args.device, args.batch)
+        print("ROW " + json.dumps(row))
+        return
+    rows = []
+    print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'ms/step':>10s} {'it/s':>7s} {'peak GB':>8s} {'vs authors':>10s}")
+    for preset in args.presets:
+        for ci_fn in args.ci_fns:
+            for seq_len in args.seq_lens:
+                cmd = [sys.executable, __file__, "--_one", preset, ci_fn or "-", str(seq_len or "-"),
+                       "--steps", str(args.steps), "--device", args.device]
+                if args.batch:
+                    cmd += ["--batch", str(args.batch)]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                line = [l for l in res.stdout.splitlines() if l.startswith("ROW ")]
+                if not line:
+                    print(f"{preset:14s} failed: {res.stderr.strip().splitlines()[-1] if res.stderr else '?'}")
+                    continue
+                r = json.loads(line[0][4:])
+                rows.append(r)
+                ratio = f"{r['reference_ms'] / r['ms_per_step']:.1f}x" if r["reference_ms"] else "-"
+                print(f"{preset:14s} {r['ci_fn']:9s} {str(seq_len or '-'):>5s} {r['ms_per_step']:10.1f} "
+                      f"{r['it_per_s']:7.2f} {r['peak_gb']:8.2f} {ratio:>10s}", flush=True)
+    if rows:
+        print(f"device: {rows[0]['device']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,15 +5,26 @@ spd.py holds the method; this file holds what the papers measure on each target:
   B  TMS                MMCS / ML2R (SPD paper eqs. 9, 10, Table 1), identity subcomponents, Figures 1-4
   C  Residual MLPs      one-hot causal importances (Figures 8, 12, 13), monosemantic W_in fraction,
                         dense W_out count, neuron contributions (eqs. 11, 12; Figures 7, 10, 11)
+  D  Induction heads    transformer paper Table 1 (active subcomponents per position class, total
+                        unique, losses, attention KL), greedy SVD pruning (Algorithm 2), Figure 2
+  E  GPT-2              active and unique subcomponents per prompt, the suppression edit, the fact
+                        set (Figures 3, 4), zeroing MLP layers (Figure 9)
 Each evaluate_* returns a flat dict for metrics.json and writes PNGs into out_dir.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import math
+import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+import models
 import spd
 
 
@@ -32,10 +43,14 @@ def _plt():
 
 
 @torch.no_grad()
-def evaluate_common(dec: spd.Decomposition, batch: torch.Tensor, cfg: spd.SPDConfig) -> dict:
-    """Losses at p_final on a fresh batch, CI L0 (g > 0) and alive subcomponents (g > 0.1)."""
-    losses = spd.spd_losses(dec, batch, cfg, spd.p_at(cfg.steps - 1, cfg))
-    ci, _ = dec.causal_importance(dec.target_forward(batch)[1])
+def evaluate_common(dec: spd.Decomposition, batch, cfg: spd.SPDConfig) -> dict:
+    """Losses at p_final on a fresh batch, CI L0 (g > 0) and alive subcomponents (g > 0.1).
+    batch: inputs x, or (x, valid) with valid [B, S] marking real (non-padding) positions."""
+    x, valid = batch if isinstance(batch, tuple) else (batch, None)
+    losses = spd.spd_losses(dec, x, cfg, spd.p_at(cfg.steps - 1, cfg), valid)
+    ci, _ = dec.causal_importance(dec.target_forward(x)[1])
+    if valid is not None:
+        ci = {n: g[valid] for n, g in ci.items()}
     return {"eval_losses": {k: v.item() for k, v in losses.items()},
             "ci_l0": spd.ci_l0(ci), "alive_01": spd.alive(ci, 0.1)}
 
@@ -200,6 +215,683 @@ def plot_neuron_contributions(x: torch.Tensor, y: torch.Tensor, corr: float, pat
     ax.set_xlabel("target neuron contribution (eq. 11)")
     ax.set_ylabel("W_in subcomponent contribution (eq. 12)")
     ax.set_title(f"Pearson r = {corr:.3f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ================================================================================================
+# D. Induction-head model (transformer paper §6.1: Table 1, Figure 2, appendix Algorithm 2)
+# ================================================================================================
+# Matrices are named blocks.{l}.attn.{q,k,v,out}_proj; the paper writes Q_l, K_l, V_l (no O rows).
+# "Active" means lower-leaky CI g > threshold (the paper gives no threshold; g has exact zeros, so
+# 0 is the natural one, and 0.1 is reported beside it). KLs are KL(target || model) at the last
+# position, as the decomposition was trained ("Last Token Only").
+
+# Table 1a (s1, m, s2, random) and 1b (total unique) as printed in the paper.
+PAPER_TABLE1 = {
+    "Q_0": ((0.000, 1.000, 0.000, 0.001), 1),
+    "K_0": ((1.000, 0.050, 0.000, 0.183), 1),
+    "V_0": ((1.000, 0.000, 0.000, 0.000), 1),
+    "Q_1": ((0.000, 0.000, 1.000, 0.000), 1),
+    "K_1": ((0.000, 1.000, 0.000, 0.000), 1),
+    "V_1": ((0.000, 5.053, 0.000, 0.000), 11),
+}
+PAPER_TOTAL_UNIQUE = 16
+PAPER_TABLE1C = {"faithfulness": 3e-9, "recon": 1e-4, "recon_layerwise": 1e-4,
+                 "attn_kl_layer0": 0.385, "attn_kl_layer1": 0.002, "attn_kl_mean": 0.194}
+POSITION_CLASSES = ("s1", "m", "s2", "random")
+DEFAULT_TAUS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def paper_label(name: str) -> str:
+    """blocks.0.attn.q_proj -> Q_0 (the paper's notation); other names are returned unchanged."""
+    hit = re.fullmatch(r"blocks\.(\d+)\.attn\.(q|k|v|out)_proj", name)
+    return f"{dict(q='Q', k='K', v='V', out='O')[hit[2]]}_{hit[1]}" if hit else name
+
+
+def _device(dec: spd.Decomposition) -> torch.device:
+    return next(iter(dec.target_weights().values())).device
+
+
+# --- Table 1a, 1b ----------------------------------------------------------------------------------
+
+
+def position_classes(s1_pos: torch.Tensor, S: int) -> dict[str, torch.Tensor]:
+    """Boolean masks [B, S] of Table 1's position classes: s1, m = s1 + 1, s2 = S - 1 (the last
+    position), bos = 0, and random = every other position."""
+    if ((s1_pos < 1) | (s1_pos > S - 3)).any():
+        raise ValueError(f"s1 positions must lie in [1, {S - 3}] (after BOS, before m and s2), got {s1_pos.tolist()}")
+    n = torch.arange(S, device=s1_pos.device)[None, :]  # [1, S]
+    s1, m = n == s1_pos[:, None], n == s1_pos[:, None] + 1  # [B, S]
+    s2, bos = (n == S - 1).expand_as(s1), (n == 0).expand_as(s1)  # [B, S]
+    return {"s1": s1, "m": m, "s2": s2, "random": ~(s1 | m | s2 | bos), "bos": bos}
+
+
+def table1_counts(ci: dict[str, torch.Tensor], s1_pos: torch.Tensor, threshold: float = 0.0) -> dict:
+    """Table 1a and 1b from CIs g [B, S, C] per matrix.
+
+    avg_active[name][cls] = mean over the (example, position) pairs of class cls of
+    |{c : g_c > threshold}|: one position per example for s1, m, s2 (and bos, not in the paper), a
+    per-position average for random. total_unique[name] = |{c : g_c > threshold at any position of
+    any example}| (BOS included); total_unique_sum is their sum (the paper's 16).
+    """
+    S = next(iter(ci.values())).shape[1]
+    classes = position_classes(s1_pos, S)
+    avg, unique = {}, {}
+    for name, g in ci.items():
+        active = g > threshold  # [B, S, C]
+        n_active = active.sum(-1).float()  # [B, S]
+        avg[name] = {k: float(n_active[mask].mean()) if mask.any() else float("nan") for k, mask in classes.items()}
+        unique[name] = int(active.reshape(-1, active.shape[-1]).any(0).sum())
+    return {"threshold": threshold, "avg_active": avg, "total_unique": unique,
+            "total_unique_sum": sum(unique.values())}
+
+
+@torch.no_grad()
+def induction_table1(dec: spd.Decomposition, tokens: torch.Tensor, s1_pos: torch.Tensor,
+                     threshold: float = 0.0) -> dict:
+    """Table 1a, 1b of the decomposition on tokens [B, S] (s1_pos [B] from models.induction_batch)."""
+    ci, _ = dec.causal_importance(dec.target_forward(tokens)[1])
+    return table1_counts(ci, s1_pos, threshold)
+
+
+def spd_counts(ci: dict[str, torch.Tensor], threshold: float = 0.0) -> dict[str, float]:
+    """SPD's size for Figure 2, from g [B, S, C] per matrix. total_unique = Σ_l |{c active anywhere}|;
+    mean_per_example = mean over examples b of Σ_l |{c active at some position of b}|."""
+    per_example = sum((g > threshold).any(1).sum(-1).float() for g in ci.values())  # [B]
+    total = sum(int((g > threshold).reshape(-1, g.shape[-1]).any(0).sum()) for g in ci.values())
+    return {"total_unique": total, "mean_per_example": float(per_example.mean())}
+
+
+# --- Table 1c ----------------------------------------------------------------------------------------
+
+
+def attention_pattern_kl(A_target: torch.Tensor, A_model: torch.Tensor) -> torch.Tensor:
+    """D_KL Attn of one layer: mean over batch and query rows n of
+    KL(A_target[n, :] || A_model[n, :]) = Σ_{j <= n} A_t[n, j] (log A_t[n, j] - log A_m[n, j]).
+    A_* [B, S, S] causal patterns. Keys j > n are skipped (both are 0 there), 0 log 0 = 0, and A_m
+    is floored at the dtype's smallest normal number so a key the model's softmax underflows to 0
+    gives a large finite term instead of inf."""
+    S = A_target.shape[-1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=A_target.device).tril()  # [S, S]
+    keep = causal & (A_target > 0)  # [B, S, S]
+    log_t = torch.where(keep, A_target, 1.0).log()  # [B, S, S]
+    log_m = A_model.clamp_min(torch.finfo(A_model.dtype).tiny).log()  # [B, S, S]
+    terms = torch.where(keep, A_target * (log_t - log_m), 0.0)  # [B, S, S]
+    return terms.sum(-1).mean()
+
+
+@torch.no_grad()
+def attention_kl(dec: spd.Decomposition, tokens: torch.Tensor, ci: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Table 1c D_KL Attn: per layer attention_pattern_kl(target, CI-masked model), and their mean.
+    The CI-masked model is L_recon's: every decomposed matrix masked by ci (lower-leaky g); the
+    target must be called as target(tokens, return_attn=True) -> (logits, [A_l [B, S, S]])."""
+    _, A_target = dec.target(tokens, return_attn=True)
+    with dec.replaced(ci):
+        _, A_model = dec.target(tokens, return_attn=True)
+    per_layer = [float(attention_pattern_kl(a, b)) for a, b in zip(A_target, A_model)]
+    return {**{f"layer{l}": v for l, v in enumerate(per_layer)}, "mean": sum(per_layer) / len(per_layer)}
+
+
+@torch.no_grad()
+def table1c_losses(dec: spd.Decomposition, tokens: torch.Tensor, ci: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Table 1c: L_faithful (eq. 2), L_recon and L_recon_layerwise (CI-masked, D = KL at the last
+    position), with spd.py's own loss functions."""
+    D = spd.make_divergence("kl", last_token_only=True)
+    target_out = dec.target(tokens)  # [B, S, vocab]
+    return {"faithfulness": float(spd.faithfulness_loss(dec.target_weights(), dec.component_weights())),
+            "recon": float(spd.recon_loss(dec, tokens, target_out, ci, D)),
+            "recon_layerwise": float(spd.recon_layerwise_loss(dec, tokens, target_out, ci, D))}
+
+
+# --- Appendix Algorithm 2: greedy rank-1 SVD pruning ------------------------------------------------
+
+
+@contextmanager
+def run_with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]):
+    """Within the block, module `name` of `model` has weight W = weights[name] [d_out, d_in]
+    (nn.Linear layout; spd.linear_weight is the view that transposes HF Conv1D storage). The
+    original weights are restored on exit, also after an exception."""
+    new = {n: W.detach().clone() for n, W in weights.items()}  # no aliasing with what is overwritten
+    views = {n: spd.linear_weight(model.get_submodule(n)) for n in new}
+    for n, W in new.items():
+        if W.shape != views[n].shape:
+            raise ValueError(f"weight for {n} has shape {tuple(W.shape)}, the module's is {tuple(views[n].shape)} [d_out, d_in]")
+    saved = {n: v.detach().clone() for n, v in views.items()}
+    try:
+        with torch.no_grad():
+            for n, W in new.items():
+                views[n].copy_(W)
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, W in saved.items():
+                views[n].copy_(W)
+
+
+def truncate_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> torch.Tensor:
+    """Rank-r truncation Σ_{k<r} S_k U[:, k] Vh[k] of W = U diag(S) Vh (S descending).  [d_out, d_in]"""
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
+def svd_prune_path(weights: dict[str, torch.Tensor], loss_fn: Callable[[dict[str, torch.Tensor]], float],
+                   tau: float = math.inf) -> list[dict]:
+    """Appendix Algorithm 2, recording each accepted step. Every round, for each matrix i of
+    remaining rank > 0 form W'_i by dropping its smallest remaining singular triple, evaluate
+    L_i = loss_fn(all current weights with W_i -> W'_i) (cumulative: earlier truncations stay), pick
+    j = argmin L_i; accept if L_j <= tau, else stop. Returns one dict per accepted step: matrix,
+    ranks (after the step), loss. Ranks start at min(d_out, d_in); untouched matrices keep their
+    exact weights. Note: the paper's pseudocode indents "pick j" inside the for loop; it belongs
+    after it (otherwise j is not the argmin)."""
+    current = {n: W.detach().clone() for n, W in weights.items()}
+    svd = {n: torch.linalg.svd(W, full_matrices=False) for n, W in current.items()}
+    ranks = {n: int(S.numel()) for n, (_, S, _) in svd.items()}
+    steps = []
+    while any(ranks.values()):
+        losses = {}
+        for n in current:
+            if ranks[n] > 0:
+                losses[n] = float(loss_fn({**current, n: truncate_svd(*svd[n], ranks[n] - 1)}))
+        j = min(losses, key=losses.get)
+        if not losses[j] <= tau:
+            break
+        ranks[j] -= 1
+        current[j] = truncate_svd(*svd[j], ranks[j])
+        steps.append({"matrix": j, "ranks": dict(ranks), "loss": losses[j]})
+    return steps
+
+
+def svd_prune(weights: dict[str, torch.Tensor], loss_fn: Callable[[dict[str, torch.Tensor]], float],
+              tau: float) -> tuple[dict[str, int], float]:
+    """Algorithm 2 with tolerance tau: (rank kept per matrix, final loss; 0 when nothing is pruned)."""
+    if not tau >= 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    steps = svd_prune_path(weights, loss_fn, tau)
+    if not steps:
+        return {n: min(W.shape) for n, W in weights.items()}, 0.0
+    return steps[-1]["ranks"], steps[-1]["loss"]
+
+
+def prune_at(steps: list[dict], weights: dict[str, torch.Tensor], tau: float) -> tuple[dict[str, int], float]:
+    """svd_prune's answer for tau, read off a path computed with a larger tolerance: the greedy choices
+    do not depend on tau, so the run with tau stops at the first recorded loss above tau."""
+    ranks, loss = {n: min(W.shape) for n, W in weights.items()}, 0.0
+    for step in steps:
+        if step["loss"] > tau:
+            break
+        ranks, loss = step["ranks"], step["loss"]
+    return ranks, loss
+
+
+def last_token_kl_fn(target: torch.nn.Module, tokens: torch.Tensor) -> Callable[[dict[str, torch.Tensor]], float]:
+    """Algorithm 2's L for the induction model: weights -> KL(target || pruned) at the last position."""
+    D = spd.make_divergence("kl", last_token_only=True)
+    with torch.no_grad():
+        target_logits = target(tokens)  # [B, S, vocab]
+
+    @torch.no_grad()
+    def loss_fn(weights: dict[str, torch.Tensor]) -> float:
+        with run_with_weights(target, weights):
+            return float(D(target(tokens), target_logits))
+
+    return loss_fn
+
+
+# --- Figure 2 ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def figure2(dec: spd.Decomposition, target: torch.nn.Module, tokens: torch.Tensor, taus=DEFAULT_TAUS,
+            out_path: Path | None = None) -> dict:
+    """Figure 2: greedy SVD pruning (total retained rank Σ_i rank_i vs final-position KL, one point per
+    tau) against SPD at two sizes, each with its L_recon KL: the total unique active subcomponents
+    (g > 0 anywhere on the batch) and the mean per example. `target` is dec.target."""
+    weights = {n: W.detach().clone() for n, W in dec.target_weights().items()}
+    steps = svd_prune_path(weights, last_token_kl_fn(target, tokens), max(taus))
+    svd = []
+    for tau in taus:
+        ranks, loss = prune_at(steps, weights, tau)
+        svd.append({"tau": tau, "total_rank": sum(ranks.values()), "kl": loss, "ranks": ranks})
+    ci, _ = dec.causal_importance(dec.target_forward(tokens)[1])
+    counts = spd_counts(ci)
+    recon = float(spd.recon_loss(dec, tokens, target(tokens), ci, spd.make_divergence("kl", last_token_only=True)))
+    out = {"svd": svd, "svd_path": [(sum(s["ranks"].values()), s["loss"]) for s in steps],
+           "full_rank": sum(min(W.shape) for W in weights.values()),
+           "spd_total_unique": counts["total_unique"], "spd_mean_per_example": counts["mean_per_example"],
+           "spd_recon_kl": recon}
+    if out_path is not None:
+        plot_figure2(out, out_path)
+    return out
+
+
+def plot_figure2(fig2: dict, path: Path) -> None:
+    plt = _plt()
+    floor = 1e-12  # log axis: a loss of exactly 0 is drawn at the floor
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    if fig2["svd_path"]:
+        r, kl = zip(*fig2["svd_path"])
+        ax.plot(r, [max(k, floor) for k in kl], "-", color="C0", lw=0.8, alpha=0.6, label="greedy SVD path")
+    ax.plot([s["total_rank"] for s in fig2["svd"]], [max(s["kl"], floor) for s in fig2["svd"]], "o", color="C0",
+            label="greedy SVD, one point per τ")
+    kl = max(fig2["spd_recon_kl"], floor)
+    ax.plot([fig2["spd_total_unique"]], [kl], "*", ms=14, color="C3", label="SPD: total unique subcomponents")
+    ax.plot([fig2["spd_mean_per_example"]], [kl], "P", ms=10, color="C2", label="SPD: mean active per example")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"rank-1 pieces kept (full rank {fig2['full_rank']})")
+    ax.set_ylabel("KL(target || model), last position")
+    ax.legend(fontsize=7)
+    ax.set_title("SPD vs greedy SVD pruning (Figure 2)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- Figures of Table 1 and the attention patterns -----------------------------------------------------
+
+
+def plot_table1(table: dict, path: Path) -> None:
+    """Table 1a as an annotated heatmap (matrices x position classes) beside Table 1b's counts."""
+    plt = _plt()
+    names = list(table["avg_active"])
+    vals = torch.tensor([[table["avg_active"][n][k] for k in POSITION_CLASSES] for n in names])  # [L, 4]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.5, 0.45 * len(names) + 1.5), gridspec_kw={"width_ratios": [3, 1.3]})
+    ax.imshow(vals.numpy(), cmap="Blues", aspect="auto", vmin=0, vmax=max(1.0, float(vals.max())))
+    for i in range(vals.shape[0]):
+        for j in range(vals.shape[1]):
+            ax.text(j, i, f"{vals[i, j]:.3f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(POSITION_CLASSES)), POSITION_CLASSES)
+    ax.set_yticks(range(len(names)), [paper_label(n) for n in names])
+    ax.set_title(f"average active subcomponents (g > {table['threshold']})", fontsize=9)
+    bx.barh(range(len(names)), [table["total_unique"][n] for n in names])
+    bx.set_yticks(range(len(names)), [])
+    bx.invert_yaxis()
+    bx.set_title(f"total unique (sum {table['total_unique_sum']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_attention(dec: spd.Decomposition, tokens: torch.Tensor, ci: dict[str, torch.Tensor], s1: int, path: Path) -> None:
+    """Attention patterns of one example (tokens [1, S]), target vs CI-masked model, per layer."""
+    plt = _plt()
+    _, A_t = dec.target(tokens, return_attn=True)
+    with dec.replaced(ci):
+        _, A_m = dec.target(tokens, return_attn=True)
+    L = len(A_t)
+    fig, axes = plt.subplots(L, 2, figsize=(7, 3.4 * L), squeeze=False)
+    for l in range(L):
+        for ax, A, who in ((axes[l, 0], A_t[l], "target"), (axes[l, 1], A_m[l], "CI-masked")):
+            ax.imshow(A[0].cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+            for pos, lab in ((s1, "s1"), (s1 + 1, "m")):
+                ax.axvline(pos, color="w", lw=0.5, ls=":")
+                ax.text(pos, -1, lab, ha="center", fontsize=7)
+            ax.set_title(f"layer {l} ({who})", fontsize=9)
+            ax.set_xlabel("key"), ax.set_ylabel("query")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- All of §6.1 --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_induction(dec: spd.Decomposition, target: torch.nn.Module, cfg: spd.SPDConfig, out_dir: Path,
+                       n_eval: int = 1024, seed: int = 0, taus=DEFAULT_TAUS) -> dict:
+    """Table 1 (a, b at thresholds 0 and 0.1; c), Figure 2 and the attention patterns of the first
+    example, on n_eval fresh sequences of the target (a models.InductionTransformer; target is
+    dec.target). Table 1c always uses KL at the last position (the paper's setting); cfg (the run's
+    SPDConfig) is recorded so a run trained with another D is visible. Writes table1.png,
+    attention_patterns.png, figure2.png and table1.md into out_dir."""
+    if n_eval < 1:
+        raise ValueError(f"n_eval must be positive, got {n_eval}")
+    out_dir = Path(out_dir)
+    device = _device(dec)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens, _, s1_pos = models.induction_batch(n_eval, target.seq_len, target.vocab_size - 2, gen, device)  # [B, S], [B]
+    ci, _ = dec.causal_importance(dec.target_forward(tokens)[1])
+    table1c = table1c_losses(dec, tokens, ci)
+    table1c.update({f"attn_kl_{k}": v for k, v in attention_kl(dec, tokens, ci).items()})
+    out = {"n_eval": n_eval, "trained_with": {"output_loss": cfg.output_loss, "last_token_only": cfg.last_token_only},
+           "table1_t0": table1_counts(ci, s1_pos, 0.0), "table1_t0.1": table1_counts(ci, s1_pos, 0.1),
+           "table1c": table1c, "figure2": figure2(dec, target, tokens, taus, out_dir / "figure2.png")}
+    plot_table1(out["table1_t0"], out_dir / "table1.png")
+    plot_attention(dec, tokens[:1], {n: g[:1] for n, g in ci.items()}, int(s1_pos[0]), out_dir / "attention_patterns.png")
+    (out_dir / "table1.md").write_text(results_table1_markdown(out))
+    return out
+
+
+def _ours_paper(ours: float, paper: float | None, fmt: str = "{:.3f}") -> str:
+    return f"{fmt.format(ours)} ({'–' if paper is None else fmt.format(paper)})"
+
+
+def results_table1_markdown(metrics: dict, key: str = "table1_t0") -> str:
+    """The paper's Table 1 as Markdown, each cell "ours (paper)"; metrics from evaluate_induction."""
+    table = metrics[key]
+    lines = [f"**Table 1a, 1b** (active: g > {table['threshold']}; cells: ours (paper))", "",
+             "| Matrix | s1 | m | s2 | random | Total unique |", "|---|---|---|---|---|---|"]
+    for name, row in table["avg_active"].items():
+        label = paper_label(name)
+        paper, paper_unique = PAPER_TABLE1.get(label, ((None,) * 4, None))
+        cells = [_ours_paper(row[k], p) for k, p in zip(POSITION_CLASSES, paper)]
+        unique = f"{table['total_unique'][name]} ({'–' if paper_unique is None else paper_unique})"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {unique} |")
+    lines.append(f"| **Total** | | | | | {table['total_unique_sum']} ({PAPER_TOTAL_UNIQUE}) |")
+    lines += ["", "**Table 1c**", "", "| Metric | ours | paper |", "|---|---|---|"]
+    rows = [("L_faithful", "faithfulness"), ("L_recon", "recon"), ("L_recon_layerwise", "recon_layerwise"),
+            ("D_KL Attn (Layer 1)", "attn_kl_layer0"), ("D_KL Attn (Layer 2)", "attn_kl_layer1"),
+            ("D_KL Attn (Mean)", "attn_kl_mean")]
+    for label, k in rows:
+        lines.append(f"| {label} | {metrics['table1c'][k]:.3g} | {PAPER_TABLE1C[k]:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+# ================================================================================================
+# E. GPT-2 (transformer paper §5.2, §6.2, appendix A.3)
+# ================================================================================================
+# The target is models.GPT2Logits (tokens -> logits; matrices model.transformer.h.{i}.{attn.c_attn,
+# attn.c_proj, mlp.c_fc, mlp.c_proj}), decomposed over the two PROMPTS. Prompts are right-padded
+# with EOS; causal attention keeps real positions unaffected, and `valid` masks the padding out of
+# every statistic.
+
+PROMPTS = ["Kobe Bryant plays the sport of basketball", "Tiger Woods plays the sport of golf"]
+PAPER_GPT2 = {"n_active_total": 96, "unique_layer0_mlp": [2, 1]}  # §6.2: "obe", "Bryant" / "Woods"
+
+# Appendix A.3.4, Figure 10: the 30 printed facts of the 100-fact GPT-5 set (the other 70 are not
+# published). Copied verbatim, including the paper's typo "New City" (for New York City).
+FACTS = [
+    "Serena Williams is a professional tennis player",
+    "The Great Wall of China is in China",
+    "The Mona Lisa was painted by Leonardo da Vinci",
+    "Mount Everest is the tallest mountain on Earth",
+    "The Eiffel Tower is located in Paris France",
+    "Usain Bolt is the fastest man in the world",
+    "The Pacific Ocean is the largest ocean on Earth",
+    "Albert Einstein developed the theory of relativity",
+    "J.K. Rowling wrote the Harry Potter series",
+    "The Amazon River flows through South America",
+    "William Shakespeare wrote Romeo and Juliet",
+    "Beethoven composed the Fifth Symphony",
+    "The Sahara Desert is in Africa",
+    "Apple Inc. was founded by Steve Jobs Steve Wozniak and Ronald Wayne",
+    "The sun is a star",
+    "The Beatles were a British rock band",
+    "Cristiano Ronaldo is a professional soccer player",
+    "The Statue of Liberty is in New City",  # sic
+    "Pablo Picasso was a famous painter",
+    "The Nile is the longest river in the world",
+    "Charles Darwin developed the theory of evolution",
+    "Google was founded in 1998",
+    "The Taj Mahal is in India",
+    "The Titanic sank in 1912",
+    "Jane Austen wrote Pride and Prejudice",
+    "The Moon orbits the Earth",
+    "Mount Kilimanjaro is in Tanzania",
+    "The Leaning Tower of Pisa is in Italy",
+    "Walt Disney created Mickey Mouse",
+    "Vincent van Gogh painted Starry Night",
+]
+
+
+def tokenize_prompts(tokenizer, sentences: list[str], bos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [B, S] long, right-padded with the tokenizer's EOS id, and valid [B, S] bool (False on
+    padding). bos prepends tokenizer.bos_token_id (the paper does not say; off by default)."""
+    if not sentences:
+        raise ValueError("sentences must be a non-empty list of strings, got an empty list")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer {type(tokenizer).__name__} has no eos_token_id to pad with")
+    ids = [([tokenizer.bos_token_id] if bos else []) + list(tokenizer.encode(s)) for s in sentences]
+    for s, i in zip(sentences, ids):
+        if len(i) < 2:
+            raise ValueError(f"each sentence needs at least 2 tokens (a prefix and an answer), got {s!r} -> {i}")
+    S = max(len(i) for i in ids)
+    tokens = torch.full((len(ids), S), tokenizer.eos_token_id, dtype=torch.long)  # [B, S]
+    valid = torch.zeros(len(ids), S, dtype=torch.bool)  # [B, S]
+    for b, i in enumerate(ids):
+        tokens[b, : len(i)] = torch.tensor(i)
+        valid[b, : len(i)] = True
+    return tokens, valid
+
+
+@torch.no_grad()
+def unique_subcomponents(dec: spd.Decomposition, tokens: torch.Tensor, valid: torch.Tensor,
+                         threshold: float = 0.0) -> dict:
+    """Subcomponents active (g > threshold at some valid position) on exactly one example.
+
+    Returns n_active_total = |∪ over examples, positions, matrices of active (matrix, c)| (the
+    paper's "96 active subcomponents in total"), n_active[name], and unique[b] = {name: [{"c": c,
+    "positions": [n, ...]}]}: the subcomponents active on example b and on no other example, with
+    the positions where they fire; n_unique[b] counts them.
+    """
+    ci, _ = dec.causal_importance(dec.target_forward(tokens)[1])
+    B = tokens.shape[0]
+    out = {"threshold": threshold, "n_active": {}, "unique": [{} for _ in range(B)], "n_unique": [0] * B}
+    for name, g in ci.items():
+        active = (g > threshold) & valid[..., None]  # [B, S, C]
+        on_example = active.any(1)  # [B, C]
+        out["n_active"][name] = int(on_example.any(0).sum())
+        only_here = on_example & (on_example.sum(0, keepdim=True) == 1)  # [B, C]
+        for b, c in only_here.nonzero().tolist():
+            positions = active[b, :, c].nonzero()[:, 0].tolist()
+            out["unique"][b].setdefault(name, []).append({"c": c, "positions": positions})
+            out["n_unique"][b] += 1
+    out["n_active_total"] = sum(out["n_active"].values())
+    return out
+
+
+def project_out(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Transformer paper §5.2's suppression edit in nn.Linear layout, W [d_out, d_in]:
+
+        W <- W - Σ_k (û_k^T W v̂_k) û_k v̂_k^T,   û_k = u_k / |u_k|,  v̂_k = v_k / |v_k|
+
+    u [d_out, K] the write vectors (U[:, c]), v [K, d_in] the read vectors (V[c]). Note: the paper
+    writes W in x W layout, where its û reads and v̂ writes; this is the same edit transposed. All
+    K coefficients use the unedited W (the paper's sum), which is an exact projection only when the
+    directions are orthogonal."""
+    u_hat, v_hat = F.normalize(u, dim=0), F.normalize(v, dim=1)  # [d_out, K], [K, d_in]
+    coef = torch.einsum("ok,oi,ki->k", u_hat, W, v_hat)  # û_k^T W v̂_k      [K]
+    return W - (u_hat * coef) @ v_hat  # [d_out, d_in]
+
+
+def _edit_directions(model_or_dec, name: str, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u [d_out, K], v [K, d_in]) for one matrix: a (u, v) pair given directly, or subcomponent
+    indices c of a Decomposition."""
+    if isinstance(spec, tuple) and len(spec) == 2 and all(torch.is_tensor(t) for t in spec):
+        return spec
+    if not isinstance(model_or_dec, spd.Decomposition):
+        raise ValueError(f"edits for {name} are subcomponent indices {spec}; those need a Decomposition, "
+                         f"got a {type(model_or_dec).__name__} (pass (u, v) directions instead)")
+    cs = [int(c) for c in spec]
+    U, V = model_or_dec.UV(name)
+    if len(set(cs)) != len(cs) or any(not 0 <= c < U.shape[1] for c in cs):
+        raise ValueError(f"edits for {name} must be distinct subcomponent indices in [0, {U.shape[1]}), got {cs}")
+    return U[:, cs].detach(), V[cs].detach()
+
+
+@contextmanager
+def suppress(model_or_dec, edits: dict):
+    """Within the block, the ORIGINAL target weights carry project_out's edit: for each matrix name,
+    edits[name] is a list of subcomponent indices c (model_or_dec a Decomposition: û from U[:, c],
+    v̂ from V[c]) or a (u [d_out, K], v [K, d_in]) pair. Weights are restored on exit. Forward
+    passes of the target (dec.target or the model) inside the block see the edit."""
+    model = model_or_dec.target if isinstance(model_or_dec, spd.Decomposition) else model_or_dec
+    new = {}
+    for name, spec in edits.items():
+        if isinstance(spec, (list, tuple)) and len(spec) == 0:
+            continue
+        W = spd.linear_weight(model.get_submodule(name)).detach()  # [d_out, d_in]
+        u, v = _edit_directions(model_or_dec, name, spec)
+        new[name] = project_out(W, u.to(W), v.to(W))
+    with run_with_weights(model, new):
+        yield model
+
+
+def _logits_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """tokens -> logits for a GPT2Logits wrapper (or any tokens -> logits module) or a raw HF model."""
+    if hasattr(model, "transformer"):  # HF GPT2LMHeadModel
+        return lambda tokens: model(input_ids=tokens).logits
+    return model
+
+
+def _hf_gpt2(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF GPT2LMHeadModel inside a GPT2Logits wrapper (or the model itself)."""
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "transformer"):
+        raise ValueError(f"expected a HF GPT2LMHeadModel or models.GPT2Logits, got {type(model).__name__}")
+    return inner
+
+
+@torch.no_grad()
+def next_token_prob(model_fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, valid: torch.Tensor,
+                    answer_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """P(answer_b | prefix) for each sentence b: softmax of the logits at the position before the
+    final valid token, read at answer_ids[b] (default: the final valid token itself).  [B]"""
+    B, S = tokens.shape
+    length = valid.sum(1)  # [B]
+    if not torch.equal(valid, torch.arange(S, device=valid.device)[None, :] < length[:, None]):
+        raise ValueError("valid must mark a prefix of each row (right padding)")
+    if (length < 2).any():
+        raise ValueError(f"each sentence needs >= 2 valid tokens, got lengths {length.tolist()}")
+    rows = torch.arange(B, device=tokens.device)
+    answer = tokens[rows, length - 1] if answer_ids is None else answer_ids  # [B]
+    logits = model_fn(tokens)[rows, length - 2]  # [B, vocab]
+    return logits.float().softmax(-1)[rows, answer]
+
+
+@torch.no_grad()
+def fact_suppression(dec: spd.Decomposition, edits: dict, tokens: torch.Tensor, valid: torch.Tensor,
+                     fact_tokens: torch.Tensor, fact_valid: torch.Tensor) -> dict:
+    """Figure 3: P(answer) on the decomposed prompts and on the FACTS set, before and after
+    suppress(dec, edits). drop = P_before - P_after; facts_* are means over the fact set."""
+    model_fn = _logits_fn(dec.target)
+    p0, f0 = next_token_prob(model_fn, tokens, valid), next_token_prob(model_fn, fact_tokens, fact_valid)
+    with suppress(dec, edits):
+        p1, f1 = next_token_prob(model_fn, tokens, valid), next_token_prob(model_fn, fact_tokens, fact_valid)
+    return {"p_before": p0.tolist(), "p_after": p1.tolist(), "drop": (p0 - p1).tolist(),
+            "facts_p_before_mean": float(f0.mean()), "facts_p_after_mean": float(f1.mean()),
+            "facts_drop_mean": float((f0 - f1).mean()), "facts_rel_drop_mean": float(((f0 - f1) / f0).mean())}
+
+
+@torch.no_grad()
+def zero_mlp_layers(model: torch.nn.Module, tokens: torch.Tensor, valid: torch.Tensor,
+                    answer_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Figure 9: P(answer) with block i's whole MLP output set to 0 (a forward hook on
+    transformer.h.{i}.mlp, so c_proj's bias goes too), for each block i.  [n_layer, B]"""
+    hf = _hf_gpt2(model)
+    model_fn = _logits_fn(model)
+    probs = []
+    for block in hf.transformer.h:
+        hook = block.mlp.register_forward_hook(lambda mod, args, output: torch.zeros_like(output))
+        try:
+            probs.append(next_token_prob(model_fn, tokens, valid, answer_ids))
+        finally:
+            hook.remove()
+    return torch.stack(probs)  # [n_layer, B]
+
+
+def _edits_of(unique: dict[str, list[dict]], pattern: str = "*") -> dict[str, list[int]]:
+    """{name: [c, ...]} of one example's unique subcomponents in matrices matching the glob."""
+    return {n: [d["c"] for d in ds] for n, ds in unique.items() if fnmatch.fnmatchcase(n, pattern)}
+
+
+@torch.no_grad()
+def evaluate_gpt2(dec: spd.Decomposition, target: torch.nn.Module, tokenizer, out_dir: Path,
+                  sentences: list[str] = PROMPTS, threshold: float = 0.0, max_single: int = 16) -> dict:
+    """§6.2 on the decomposed prompts: active and unique subcomponents; Figure 3 (suppressing each
+    prompt's unique subcomponents, all of them and those in the layer-0 MLP, vs the FACTS set);
+    Figure 4 (prompt 0's unique slices one at a time, and all together); Figure 9 (zeroing each
+    MLP). target is dec.target (GPT2Logits). Writes figure3.png, figure4.png, figure9.png."""
+    out_dir = Path(out_dir)
+    device = _device(dec)
+    tokens, valid = (t.to(device) for t in tokenize_prompts(tokenizer, sentences))
+    fact_tokens, fact_valid = (t.to(device) for t in tokenize_prompts(tokenizer, FACTS))
+    model_fn = _logits_fn(target)
+    uniq = unique_subcomponents(dec, tokens, valid, threshold)
+    for b, per_name in enumerate(uniq["unique"]):  # name the tokens the unique subcomponents fire on
+        for ds in per_name.values():
+            for d in ds:
+                d["tokens"] = [tokenizer.decode([int(tokens[b, n])]) for n in d["positions"]]
+    out = {"sentences": sentences, "paper": PAPER_GPT2, **uniq,
+           "p_full": next_token_prob(model_fn, tokens, valid).tolist(), "suppression": {}}
+
+    # Figure 3: one group per (prompt, edit set)
+    for b in range(len(sentences)):
+        for label, pattern in (("all", "*"), ("layer0_mlp", "*h.0.mlp.*")):
+            edits = _edits_of(uniq["unique"][b], pattern)
+            if edits:
+                out["suppression"][f"prompt{b}_{label}"] = {
+                    "edits": edits, **fact_suppression(dec, edits, tokens, valid, fact_tokens, fact_valid)}
+
+    # Figure 4: prompt 0's unique slices one at a time
+    singles = []
+    for name, ds in uniq["unique"][0].items():
+        for d in ds:
+            with suppress(dec, {name: [d["c"]]}):
+                p = float(next_token_prob(model_fn, tokens[:1], valid[:1]))
+            singles.append({"matrix": name, "c": d["c"], "tokens": d["tokens"], "p": p})
+    out["single_slices"] = sorted(singles, key=lambda s: s["p"])
+
+    # Figure 9
+    out["zero_mlp"] = zero_mlp_layers(target, tokens, valid).T.tolist()  # [B][n_layer]
+    plot_figure3(out, out_dir / "figure3.png")
+    plot_figure4(out, out_dir / "figure4.png", max_single)
+    plot_figure9(out, out_dir / "figure9.png")
+    return out
+
+
+def plot_figure3(res: dict, path: Path) -> None:
+    """Drop in P(answer) on each prompt and the mean drop over FACTS, per suppressed set."""
+    plt = _plt()
+    groups = list(res["suppression"])
+    B = len(res["sentences"])
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(groups) + 2), 3.4))
+    width = 0.8 / (B + 1)
+    for i in range(B + 1):
+        vals = [res["suppression"][g]["drop"][i] if i < B else res["suppression"][g]["facts_drop_mean"] for g in groups]
+        label = f"prompt {i}: {res['sentences'][i][:24]}…" if i < B else f"FACTS mean ({len(FACTS)})"
+        ax.bar([k + i * width for k in range(len(groups))], vals, width, label=label)
+    ax.set_xticks([k + width * B / 2 for k in range(len(groups))], groups, fontsize=7)
+    ax.set_ylabel("drop in P(answer)")
+    ax.set_title("suppressing unique subcomponents (Figure 3)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_figure4(res: dict, path: Path, max_single: int = 16) -> None:
+    """P(answer) of prompt 0: no edit, each unique slice alone (the max_single strongest), all of them."""
+    plt = _plt()
+    labels, vals = ["no edit"], [res["p_full"][0]]
+    for s in res["single_slices"][:max_single]:
+        labels.append(f"{s['matrix'].removeprefix('model.transformer.')}[{s['c']}] @{''.join(s['tokens'][:2])!r}")
+        vals.append(s["p"])
+    if "prompt0_all" in res["suppression"]:
+        labels.append("all unique")
+        vals.append(res["suppression"]["prompt0_all"]["p_after"][0])
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(vals) + 2), 3.8))
+    ax.bar(range(len(vals)), vals, color=["C7"] + ["C0"] * (len(vals) - 1))
+    ax.set_xticks(range(len(vals)), labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("P(answer | prompt 0)")
+    ax.set_title("rank-1 slices of prompt 0 (Figure 4)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_figure9(res: dict, path: Path) -> None:
+    """P(answer) with each block's MLP zeroed; dashed: the full model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for b, probs in enumerate(res["zero_mlp"]):
+        ax.plot(range(len(probs)), probs, "o-", color=f"C{b}", label=res["sentences"][b][:32])
+        ax.axhline(res["p_full"][b], color=f"C{b}", ls="--", lw=0.8)
+    ax.set_xlabel("MLP layer zeroed")
+    ax.set_ylabel("P(answer)")
+    ax.set_title("zeroing whole MLP layers (Figure 9)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -53,7 +53,7 @@ PRESETS: dict[str, dict] = {
                  importance_minimality=0.05, p=0.9, p_final=0.1, output_loss="kl", lr=1e-3, weight_decay=0.05,
                  lr_schedule="constant", lr_warmup_pct=0.01, steps=20_000, batch_size=2),
 }
-GPT2_SENTENCES = ["Kobe Bryant plays the sport of basketball", "Tiger Woods plays the sport of golf"]
+
 TARGET_FLAGS = ("n_features", "n_hidden", "n_hidden_layers", "n_layers", "d_embed", "d_mlp")
 
 
@@ -98,7 +98,7 @@ def pick_device(name: str) -> torch.device:
 def get_gpt2(args, device):
     """GPT-2 from HF (a name, or a local folder when offline) and its fixed prompt batch (tokens, valid)."""
     hf_model, tokenizer = models.load_gpt2(args.pretrained)
-    sentences = GPT2_SENTENCES if args.dataset is None else [l.strip() for l in open(args.dataset) if l.strip()]
+    sentences = analysis.PROMPTS if args.dataset is None else [l.strip() for l in open(args.dataset) if l.strip()]
     tokens, valid = analysis.tokenize_prompts(tokenizer, sentences)
     tcfg = {"family": "gpt2", "pretrained": args.pretrained, "sentences": sentences,
             "seq_len": tokens.shape[1]}
@@ -194,11 +194,11 @@ def main(argv=None) -> dict:
     elif tcfg["family"] == "induction":
         metrics.update(analysis.evaluate_induction(dec, target, cfg, out))
     elif tcfg["family"] == "gpt2":
-        metrics.update(analysis.evaluate_gpt2(dec, target, tokenizer, out))
+        metrics.update(analysis.evaluate_gpt2(dec, target, tokenizer, out, sentences=tcfg["sentences"]))
     analysis.plot_ci_histograms(dec, eval_batch[0] if isinstance(eval_batch, tuple) else eval_batch,
                                 out / "ci_histograms.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=1))
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
     return metrics
 
 

@@ -895,3 +895,94 @@ def plot_figure9(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ================================================================================================
+# F. Results tables: python analysis.py report RUNS_DIR --out results
+# ================================================================================================
+
+PAPER_TMS = {"tms_5-2": ("1.000 ± 0.000", "0.993 ± 0.002"), "tms_40-10": ("1.000 ± 0.000", "1.010 ± 0.007"),
+             "tms_5-2-id": ("1.000 ± 0.000", "0.992 ± 0.010"), "tms_40-10-id": ("1.000 ± 0.000", "1.031 ± 0.001")}
+PAPER_RESID_OUT_DENSE = {"resid_mlp1": 50, "resid_mlp2": 50, "resid_mlp3": 51}
+
+
+def _runs(root: Path) -> list[tuple[Path, dict, dict]]:
+    import json
+
+    out = []
+    for metrics_path in sorted(root.glob("*/metrics.json")):
+        run_cfg = json.loads((metrics_path.parent / "config.json").read_text())["config"]
+        out.append((metrics_path.parent, run_cfg, json.loads(metrics_path.read_text())))
+    return out
+
+
+def _command(run_dir: Path, run_cfg: dict) -> str:
+    spd_cfg = run_cfg["spd"]
+    return f"python train.py --model {run_cfg['model']} --seed {spd_cfg['seed']} --steps {spd_cfg['steps']} --out {run_dir}"
+
+
+def tms_table(runs) -> str:
+    """SPD paper Table 1: MMCS and ML2R of linear1, mean ± std over decomposition seeds."""
+    lines = ["| Model | MMCS (ours) | ML2R (ours) | seeds | steps | MMCS (paper) | ML2R (paper) |",
+             "|---|---|---|---|---|---|---|"]
+    commands = []
+    for model in PAPER_TMS:
+        rows = [(d, c, m) for d, c, m in runs if c["model"] == model]
+        if not rows:
+            continue
+        mm = torch.tensor([m["mmcs"] for _, _, m in rows])
+        ml = torch.tensor([m["ml2r"] for _, _, m in rows])
+        sd = lambda t: t.std().item() if len(t) > 1 else 0.0  # noqa: E731
+        steps = sorted({c["spd"]["steps"] for _, c, _ in rows})
+        lines.append(f"| {model} | {mm.mean():.3f} ± {sd(mm):.3f} | {ml.mean():.3f} ± {sd(ml):.3f} | {len(rows)} | "
+                     f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} |")
+        commands += [_command(d, c) for d, c, _ in rows]
+    lines += ["", "± is the standard deviation over decomposition seeds (the paper does not say over what).",
+              "Per-seed values are in each run's metrics.json. Commands:", "", "```"] + commands + ["```"]
+    return "\n".join(lines) + "\n"
+
+
+def resid_table(runs) -> str:
+    lines = ["| Model | W_in monosemantic fraction | dense W_out subcomponents (paper) | neuron-contribution r | "
+             "stochastic recon | steps |", "|---|---|---|---|---|---|"]
+    commands = []
+    for d, c, m in runs:
+        if c["model"] not in PAPER_RESID_OUT_DENSE:
+            continue
+        lines.append(f"| {c['model']} ({d.name}) | {m['in_monosemantic_fraction']:.3f} | {m['out_dense_count']} "
+                     f"({PAPER_RESID_OUT_DENSE[c['model']]}) | {m['neuron_contribution_corr']:.3f} | "
+                     f"{m['eval_losses'].get('stochastic_recon', float('nan')):.3g} | {c['spd']['steps']} |")
+        commands.append(_command(d, c))
+    lines += ["", "Paper: every W_in feature gets its own subcomponent in every layer (fraction 1.0) and W_out",
+              "becomes one dense rank-50 (51) component; figures ci_one_hot.png and neuron_contributions.png",
+              "are in each run folder. Commands:", "", "```"] + commands + ["```"]
+    return "\n".join(lines) + "\n"
+
+
+def report(root: Path, out: Path, suffix: str = "") -> None:
+    runs = _runs(root)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
+    header = f"Produced by `bash experiments.sh{' --quick' if suffix else ''}` (runs in {root}; report made on {machine}).\n\n"
+    if any(c["model"] in PAPER_TMS for _, c, _ in runs):
+        (out / f"tms_table1{suffix}.md").write_text("# SPD paper Table 1 (TMS)\n\n" + header + tms_table(runs))
+    if any(c["model"] in PAPER_RESID_OUT_DENSE for _, c, _ in runs):
+        (out / f"resid_mlp{suffix}.md").write_text("# Residual MLPs\n\n" + header + resid_table(runs))
+    for d, c, m in runs:
+        if c["model"] == "induction":
+            (out / f"induction_table1{suffix}.md").write_text(
+                "# Transformer paper Table 1 (induction heads)\n\n" + header + f"`{_command(d, c)}`\n\n"
+                + results_table1_markdown(m))
+    print(f"wrote tables for {len(runs)} runs into {out}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Build results/*.md tables from finished run folders.")
+    ap.add_argument("command", choices=["report"])
+    ap.add_argument("root", type=Path, help="folder holding run folders (each with metrics.json)")
+    ap.add_argument("--out", type=Path, default=Path("results"))
+    ap.add_argument("--suffix", default="")
+    args = ap.parse_args()
+    report(args.root, args.out, args.suffix)

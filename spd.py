@@ -751,7 +751,7 @@ def load(dec: Decomposition, run_dir: str | os.PathLike) -> dict:
         meta = json.loads(meta_path.read_text())
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, keep the cause
-        raise ValueError(f"cannot read checkpoint in {run}: {e}") from e
+        raise ValueError(f"cannot read checkpoint in {run}: {str(e).splitlines()[0]}") from e
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path} has format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
     shapes = {n: list(linear_weight(dec.module(n)).shape) for n in dec.names}

@@ -337,3 +337,80 @@ def test_gpt2_without_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
     with pytest.raises(ImportError, match=r"pip install -e \.\[gpt2\]"):
         models.tiny_gpt2()
+
+
+# --- train.py: the one command, end to end, and its errors -----------------------------------------
+
+def run_cli(tmp_path, *argv):
+    import train
+
+    return train.main([*argv, "--out", str(tmp_path / "run"), "--target_dir", str(tmp_path / "targets"),
+                       "--no_progress"])
+
+
+def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
+    import json
+
+    import spd
+
+    metrics = run_cli(tmp_path, "--model", "tms_5-2", "--steps", "30", "--batch_size", "64", "--target_steps", "200",
+                      "--save_every", "10")
+    run = tmp_path / "run"
+    for f in ("decomposition.pt", "config.json", "metrics.json", "losses.jsonl", "tms_subcomponents.png", "ci_histograms.png"):
+        assert (run / f).exists(), f
+    assert set(metrics) >= {"mmcs", "ml2r", "ci_l0", "alive_01", "final_losses"}
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["step"] == 30 and saved["config"]["spd"]["steps"] == 30
+    # reload: a Decomposition built from the saved config gets the same subcomponents back
+    target, _ = models.build_target("tms_5-2", steps=200)
+    target.load_state_dict(torch.load(next((tmp_path / "targets").glob("*.pt")), weights_only=True))
+    cfg = spd.SPDConfig(**saved["config"]["spd"])
+    dec = spd.Decomposition(target, cfg.targets, C=cfg.C, d_gate=cfg.d_gate)
+    spd.load(dec, run)
+    assert spd.mmcs_ml2r(dec.target_weights()["linear1"], *dec.UV("linear1")) == (metrics["mmcs"], metrics["ml2r"])
+    run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "200")  # cached target
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "tms_9-9"], "unknown --model 'tms_9-9'"),
+    (["--model", "tms_5-2", "--steps", "-5"], "--steps must be positive, got -5"),
+    (["--model", "tms_5-2", "--C", "0"], "--C must be a positive integer, got 0"),
+    (["--model", "tms_5-2", "--ci_fn", "magic"], "--ci_fn must be one of"),
+    (["--model", "tms_5-2", "--device", "tpu"], "--device must be auto, cpu or cuda, got 'tpu'"),
+])
+def test_cli_bad_input_names_the_value(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        run_cli(tmp_path, *argv)
+
+
+def test_cli_cuda_without_gpu_and_corrupt_cached_target(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda was asked for but torch sees no GPU"):
+        run_cli(tmp_path, "--model", "tms_5-2", "--device", "cuda")
+    run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "50")
+    cached = next((tmp_path / "targets").glob("*.pt"))
+    cached.write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="cannot be loaded.*--retrain_target"):
+        run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "50")
+
+
+def test_cli_gpt2_from_a_local_folder(tmp_path):
+    """`--model gpt2 --pretrained DIR` works offline: a tiny random GPT-2 and a byte-level BPE
+    tokenizer trained here stand in for the real weights, saved the way HF saves them."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import ByteLevelBPETokenizer
+
+    import analysis
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(analysis.PROMPTS * 5, vocab_size=280, special_tokens=["<|endoftext|>"])
+    tok = transformers.GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                         bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(tok), n_positions=128)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    metrics = run_cli(tmp_path, "--model", "gpt2", "--pretrained", str(tmp_path / "gpt2"), "--steps", "3",
+                      "--C", "8", "--d_gate", "4")
+    assert len(metrics["ci_l0"]) == 8  # 4 Conv1D matrices x 2 blocks
+    assert (tmp_path / "run" / "decomposition.pt").exists()

@@ -119,7 +119,7 @@ def get_target(args, device) -> tuple[torch.nn.Module, dict]:
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:
-            raise SystemExit(f"cached target {path} cannot be loaded ({e}); delete it or pass --retrain_target")
+            raise SystemExit(f"cached target {path} cannot be loaded ({str(e).splitlines()[0]}); delete it or pass --retrain_target")
         print(f"target: loaded {path}")
         return model.to(device), tcfg
     print(f"target: training {args.model} ({tcfg['steps']} steps)")

@@ -174,7 +174,7 @@ def init_components_(comp: Components, W: torch.Tensor, how: str = "projection")
 # Each returns the *pre-sigmoid* scores [..., C]; section F applies σ_H,lower and σ_H,upper.
 
 _STREAM_ABOVE = 1 << 24  # hidden tensors larger than this (64 MB in fp32) are streamed, not stored
-_CHUNK_ELEMS = 1 << 18  # hidden elements per streamed chunk: small enough to stay in cache
+_CHUNK_ELEMS = 1 << 20  # hidden elements per streamed chunk (4 MB): measured fastest for resid_mlp3
 
 
 class _ScalarGamma(torch.autograd.Function):

@@ -962,8 +962,12 @@ def resid_table(runs) -> str:
 def report(root: Path, out: Path, suffix: str = "") -> None:
     runs = _runs(root)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}"
-    header = f"Produced by `bash experiments.sh{' --quick' if suffix else ''}` (runs in {root}; report made on {machine}).\n\n"
+    import os
+
+    machine = f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {os.cpu_count()} cores'}"
+    header = (f"The runs found in {root}, made with the commands listed (those `bash experiments.sh"
+              f"{' --quick' if suffix else ''}` runs); rows missing here were not run. Report made on {machine}, "
+              f"torch {torch.__version__}.\n\n")
     if any(c["model"] in PAPER_TMS for _, c, _ in runs):
         (out / f"tms_table1{suffix}.md").write_text("# SPD paper Table 1 (TMS)\n\n" + header + tms_table(runs))
     if any(c["model"] in PAPER_RESID_OUT_DENSE for _, c, _ in runs):

@@ -904,8 +904,10 @@ def tms_recovery(dec):
 
 
 def test_tms_5_2_recovers_its_five_features():
-    """SPD paper Table 1 row 1 (paper: MMCS 1.000, ML2R 0.993) at half the paper's 40k steps."""
-    target, dec = decompose_preset("tms_5-2", steps=20_000)
+    """SPD paper Table 1 row 1 (paper: MMCS 1.000, ML2R 0.993) at half the paper's 40k steps and a
+    quarter of its batch (measured: MMCS 1.0000, ML2R 0.996; with batch 4096, seeds 0 and 1 gave
+    0.996 and 0.995)."""
+    target, dec = decompose_preset("tms_5-2", steps=20_000, batch_size=1024)
     assert models.tms_target_ok(target)
     mmcs, ml2r = tms_recovery(dec)
     assert mmcs >= 0.99 and 0.95 <= ml2r <= 1.05, (mmcs, ml2r)

@@ -488,6 +488,45 @@ def test_bad_input_names_the_bad_value():
         dec(torch.randn(2, 4), {"1": None})
 
 
+# --- residual-MLP metrics (analysis.py section C) ------------------------------------------------------
+
+def test_resid_metrics_by_hand():
+    ci = {"layers.0.mlp_in": torch.tensor([[0.9, 0.0, 0.0], [0.0, 0.8, 0.2], [0.0, 0.0, 0.05]]),
+          "layers.0.mlp_out": torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.0, 0.0], [0.9, 0.3, 0.0]])}
+    # feature 0: one unshared subcomponent; 1: two above 0.1; 2: none above 0.1
+    assert analysis.monosemantic_in_fraction(ci) == pytest.approx(1 / 3)
+    ci["layers.0.mlp_in"][1, 2] = 0.0
+    ci["layers.0.mlp_in"][2, 1] = 0.5  # feature 2 now shares feature 1's subcomponent
+    assert analysis.monosemantic_in_fraction(ci) == pytest.approx(1 / 3)
+    assert analysis.dense_out_count(ci) == 2  # columns 0 (3/3) and 1 (2/3) are active on >= half
+
+
+def test_neuron_contributions_of_a_per_feature_decomposition_equal_the_targets():
+    """With orthonormal W_E and W_in's subcomponent c = (W_in W_E[c]) W_E[c]^T, subcomponent c is
+    feature c's whole computation, so eq. 12 must return eq. 11's target contributions."""
+    torch.manual_seed(0)
+    target = models.ResidMLP(n_features=4, d_embed=4, d_mlp=3, n_layers=1)
+    target.W_E.copy_(torch.eye(4))
+    with torch.no_grad():
+        target.layers[0].mlp_in.weight.copy_(torch.rand(3, 4) + 0.1)  # positive, so max_n > 0
+        target.layers[0].mlp_out.weight.copy_(torch.rand(4, 3) + 0.1)
+    dec = spd.Decomposition(target, ["layers.0.mlp_in", "layers.0.mlp_out"], C=4)
+    with torch.no_grad():
+        comp = dec.components[spd._key("layers.0.mlp_in")]
+        comp.V.copy_(target.W_E)
+        comp.U.copy_(target.layers[0].mlp_in.weight @ target.W_E.T)
+        out = dec.components[spd._key("layers.0.mlp_out")]
+        out.U.copy_(torch.cat([target.layers[0].mlp_out.weight, torch.zeros(4, 1)], 1))
+        out.V.copy_(torch.eye(4)[:, :3])
+        nc_target, nc_spd = analysis.neuron_contributions(dec, target.W_E, 0)
+    W_in, W_out = target.layers[0].mlp_in.weight, target.layers[0].mlp_out.weight
+    E = target.W_E
+    by_hand = torch.tensor([[float(sum(E[i, k] * W_out[k, n] for k in range(4)) * sum(W_in[n, k] * E[i, k] for k in range(4)))
+                             for n in range(3)] for i in range(4)])
+    assert torch.allclose(nc_target, by_hand, atol=1e-6)
+    assert torch.allclose(nc_spd, nc_target, atol=1e-6)
+
+
 # ================================================================================================
 # Transformer analyses (analysis.py sections D, E)
 # ================================================================================================
@@ -603,7 +642,8 @@ def test_svd_prune_greedy_order_by_hand():
     assert [s["matrix"] for s in steps] == ["b", "a", "b", "a"]
     assert [s["loss"] for s in steps] == pytest.approx([0.25, 1.25, 5.25, 14.25])
     for tau in (0.1, 0.3, 1.3, 6.0, 100.0):  # Figure 2's shortcut equals a run with that tau
-        assert analysis.prune_at(steps, weights, tau) == pytest.approx(analysis.svd_prune(weights, loss_fn, tau))
+        (ranks_a, loss_a), (ranks_b, loss_b) = analysis.prune_at(steps, weights, tau), analysis.svd_prune(weights, loss_fn, tau)
+        assert ranks_a == ranks_b and loss_a == pytest.approx(loss_b)
     with pytest.raises(ValueError, match="-1"):
         analysis.svd_prune(weights, loss_fn, -1)
 

@@ -37,6 +37,12 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
 # ================================================================================================
 # A. Every run
 # ================================================================================================
@@ -65,9 +71,7 @@ def plot_ci_histograms(dec: spd.Decomposition, batch: torch.Tensor, path: Path) 
         ax.set_yscale("log")
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("causal importance g")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ================================================================================================
@@ -119,9 +123,7 @@ def plot_tms(dec: spd.Decomposition, path: Path, n_show: int = 6) -> None:
             ax.imshow(M, cmap="RdBu", vmin=-v, vmax=v)
         ax.set_title(title, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ================================================================================================
@@ -201,9 +203,7 @@ def plot_one_hot_ci(ci: dict[str, torch.Tensor], path: Path) -> None:
         ax.imshow(g[:, perm][:, : max(alive_cols, g.shape[0])], aspect="auto", cmap="Blues", vmin=0, vmax=1)
         ax.set_title(f"{name} ({alive_cols} subcomponents with g > 0.1)", fontsize=8)
         ax.set_xlabel("subcomponent (permuted)"), ax.set_ylabel("input feature")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_neuron_contributions(x: torch.Tensor, y: torch.Tensor, corr: float, path: Path) -> None:
@@ -215,9 +215,7 @@ def plot_neuron_contributions(x: torch.Tensor, y: torch.Tensor, corr: float, pat
     ax.set_xlabel("target neuron contribution (eq. 11)")
     ax.set_ylabel("W_in subcomponent contribution (eq. 12)")
     ax.set_title(f"Pearson r = {corr:.3f}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ================================================================================================
@@ -482,9 +480,7 @@ def plot_figure2(fig2: dict, path: Path) -> None:
     ax.set_ylabel("KL(target || model), last position")
     ax.legend(fontsize=7)
     ax.set_title("SPD vs greedy SVD pruning (Figure 2)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # --- Figures of Table 1 and the attention patterns -----------------------------------------------------
@@ -507,9 +503,7 @@ def plot_table1(table: dict, path: Path) -> None:
     bx.set_yticks(range(len(names)), [])
     bx.invert_yaxis()
     bx.set_title(f"total unique (sum {table['total_unique_sum']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 @torch.no_grad()
@@ -529,9 +523,7 @@ def plot_attention(dec: spd.Decomposition, tokens: torch.Tensor, ci: dict[str, t
                 ax.text(pos, -1, lab, ha="center", fontsize=7)
             ax.set_title(f"layer {l} ({who})", fontsize=9)
             ax.set_xlabel("key"), ax.set_ylabel("query")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # --- All of §6.1 --------------------------------------------------------------------------------------
@@ -856,9 +848,7 @@ def plot_figure3(res: dict, path: Path) -> None:
     ax.set_ylabel("drop in P(answer)")
     ax.set_title("suppressing unique subcomponents (Figure 3)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_figure4(res: dict, path: Path, max_single: int = 16) -> None:
@@ -876,9 +866,7 @@ def plot_figure4(res: dict, path: Path, max_single: int = 16) -> None:
     ax.set_xticks(range(len(vals)), labels, rotation=60, ha="right", fontsize=6)
     ax.set_ylabel("P(answer | prompt 0)")
     ax.set_title("rank-1 slices of prompt 0 (Figure 4)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_figure9(res: dict, path: Path) -> None:
@@ -892,9 +880,7 @@ def plot_figure9(res: dict, path: Path) -> None:
     ax.set_ylabel("P(answer)")
     ax.set_title("zeroing whole MLP layers (Figure 9)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ================================================================================================

@@ -648,18 +648,6 @@ def test_svd_prune_greedy_order_by_hand():
         analysis.svd_prune(weights, loss_fn, -1)
 
 
-class Conv1D(nn.Module):
-    """Stand-in with HF GPT-2 Conv1D's layout: y = x W + b with W stored [d_in, d_out]."""
-
-    def __init__(self, d_out, d_in):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(d_in, d_out))
-        self.bias = nn.Parameter(torch.randn(d_out))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
-
-
 def test_run_with_weights_respects_conv1d_layout_and_restores_after_error():
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(5, 3), nn.Linear(5, 2))

@@ -52,7 +52,7 @@ def _save(fig, path: Path) -> None:
 def evaluate_common(dec: spd.Decomposition, batch, cfg: spd.SPDConfig) -> dict:
     """Losses at p_final on a fresh batch, CI L0 (g > 0) and alive subcomponents (g > 0.1).
     batch: inputs x, or (x, valid) with valid [B, S] marking real (non-padding) positions."""
-    x, valid = batch if isinstance(batch, tuple) else (batch, None)
+    x, valid = spd.split_batch(batch)
     losses = spd.spd_losses(dec, x, cfg, spd.p_at(cfg.steps - 1, cfg), valid)
     ci, _ = dec.causal_importance(dec.target_forward(x)[1])
     if valid is not None:

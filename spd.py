@@ -641,6 +641,11 @@ def p_at(step: int, cfg: SPDConfig) -> float:
     return cfg.p + (cfg.p_final - cfg.p) * step / max(cfg.steps - 1, 1)
 
 
+def split_batch(batch) -> tuple[object, torch.Tensor | None]:
+    """A batch is inputs x, or (x, valid) with valid [B, S] marking real (non-padding) positions."""
+    return batch if isinstance(batch, tuple) else (batch, None)
+
+
 def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple], cfg: SPDConfig,
              log: Callable[[int, dict], None] | None = None, log_every: int = 1000,
              checkpoint: Callable[[int], None] | None = None, save_every: int = 0,
@@ -657,8 +662,7 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = batch_fn(cfg.batch_size)
-        x, valid = batch if isinstance(batch, tuple) else (batch, None)
+        x, valid = split_batch(batch_fn(cfg.batch_size))
         losses = spd_losses(dec, x, cfg, p_at(step, cfg), valid)
         if not torch.isfinite(losses["total"]):
             bad = {k: v.item() for k, v in losses.items()}

@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
         metrics.update(analysis.evaluate_induction(dec, target, cfg, out))
     elif tcfg["family"] == "gpt2":
         metrics.update(analysis.evaluate_gpt2(dec, target, tokenizer, out, sentences=tcfg["sentences"]))
-    analysis.plot_ci_histograms(dec, eval_batch[0] if isinstance(eval_batch, tuple) else eval_batch,
+    analysis.plot_ci_histograms(dec, spd.split_batch(eval_batch)[0],
                                 out / "ci_histograms.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))

@@ -173,8 +173,8 @@ def init_components_(comp: Components, W: torch.Tensor, how: str = "projection")
 # ================================================================================================
 # Each returns the *pre-sigmoid* scores [..., C]; section F applies σ_H,lower and σ_H,upper.
 
-_STREAM_ABOVE = 1 << 24  # hidden tensors larger than this (64 MB in fp32) are streamed, not stored
-_CHUNK_ELEMS = 1 << 20  # hidden elements per streamed chunk (4 MB): measured fastest for resid_mlp3
+_CHUNK_ELEMS = 1 << 20  # hidden elements per chunk on CPU (4 MB): measured fastest for resid_mlp3
+_CHUNK_ELEMS_GPU = 1 << 26  # on a GPU, fewer and larger chunks (256 MB): kernel launches dominate there
 
 
 class _ScalarGamma(torch.autograd.Function):
@@ -182,42 +182,52 @@ class _ScalarGamma(torch.autograd.Function):
 
     The hidden tensor [N, C, d_gate] dominates SPD's cost on the residual MLPs (2048 x 500 x 128
     per matrix for resid_mlp3). Here it is never materialised whole: forward and backward walk over
-    chunks of subcomponents, and the backward recomputes each chunk instead of storing it. Same
-    math as plain autograd (test_spd.py compares the two), a fraction of the memory traffic; used
-    when the hidden tensor is large, where it is several times faster.
+    chunks of subcomponents in two reused buffers, and the backward recomputes each chunk instead of
+    storing it. Every op writes into those buffers (`out=`), because on a CPU allocating fresh
+    megabytes per op costs more than the op, and the sums over k and n are mul + sum, not bmm
+    (batched matrix-vector bmm is several times slower on a CPU). Same math as plain autograd
+    (test_spd.py compares the two).
     """
 
     @staticmethod
     def forward(ctx, h, w_in, b_in, w_out, b_out):
         N, C = h.shape
         hT = h.T.contiguous()  # [C, N]: chunks over C become contiguous blocks
-        out = torch.empty(C, N, dtype=h.dtype, device=h.device)
-        for sl in _chunks(C, N * w_in.shape[1]):
-            pre = torch.addcmul(b_in[sl, None, :], hT[sl, :, None], w_in[sl, None, :])  # [c, N, k]
-            torch.bmm(F.gelu(pre), w_out[sl, :, None], out=out[sl, :, None])  # [c, N, 1]
+        out = h.new_empty(C, N)
+        for sl, pre, act in _chunks(hT, w_in):  # pre, act: [c, N, k] buffers
+            torch.addcmul(b_in[sl, None, :], hT[sl, :, None], w_in[sl, None, :], out=pre)
+            torch.ops.aten.gelu.out(pre, out=act)
+            torch.sum(act.mul_(w_out[sl, None, :]), -1, out=out[sl])  # [c, N]
         ctx.save_for_backward(hT, w_in, b_in, w_out)
         return out.T + b_out  # [N, C]
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out [N, C]
         hT, w_in, b_in, w_out = ctx.saved_tensors
-        C, N = hT.shape
         goT = grad_out.T.contiguous()  # [C, N]
         g_h, g_w_in, g_b_in, g_w_out = (torch.empty_like(t) for t in (hT, w_in, b_in, w_out))
-        for sl in _chunks(C, N * w_in.shape[1]):
-            pre = torch.addcmul(b_in[sl, None, :], hT[sl, :, None], w_in[sl, None, :])  # [c, N, k]
+        for sl, pre, act in _chunks(hT, w_in):
             go = goT[sl, :, None]  # [c, N, 1]
-            torch.bmm(F.gelu(pre).transpose(1, 2), go, out=g_w_out[sl, :, None])  # [c, k, 1]
-            d_pre = torch.ops.aten.gelu_backward(go * w_out[sl, None, :], pre)  # [c, N, k]
-            torch.sum(d_pre, dim=1, out=g_b_in[sl])
-            torch.bmm(d_pre.transpose(1, 2), hT[sl, :, None], out=g_w_in[sl, :, None])  # [c, k, 1]
-            torch.bmm(d_pre, w_in[sl, :, None], out=g_h[sl, :, None])  # [c, N, 1]
+            torch.addcmul(b_in[sl, None, :], hT[sl, :, None], w_in[sl, None, :], out=pre)
+            torch.ops.aten.gelu.out(pre, out=act)
+            torch.sum(act.mul_(go), 1, out=g_w_out[sl])  # Σ_n GELU(pre) go         [c, k]
+            d_pre = torch.ops.aten.gelu_backward.grad_input(
+                torch.mul(go, w_out[sl, None, :], out=act), pre, grad_input=act)  # [c, N, k]
+            torch.sum(d_pre, 1, out=g_b_in[sl])
+            torch.sum(torch.mul(d_pre, w_in[sl, None, :], out=pre), -1, out=g_h[sl])  # [c, N]
+            torch.sum(d_pre.mul_(hT[sl, :, None]), 1, out=g_w_in[sl])  # [c, k]
         return g_h.T, g_w_in, g_b_in, g_w_out, grad_out.sum(0)
 
 
-def _chunks(C: int, elems_per_c: int) -> list[slice]:
-    step = max(1, _CHUNK_ELEMS // max(elems_per_c, 1))
-    return [slice(i, min(i + step, C)) for i in range(0, C, step)]
+def _chunks(hT: torch.Tensor, w_in: torch.Tensor):
+    """Yields (slice of subcomponents, pre, act): two [c, N, d_gate] buffers shared by all chunks."""
+    (C, N), k = hT.shape, w_in.shape[1]
+    limit = _CHUNK_ELEMS if hT.device.type == "cpu" else _CHUNK_ELEMS_GPU
+    step = min(C, max(1, limit // max(N * k, 1)))
+    buffers = hT.new_empty(2, step, N, k)
+    for i in range(0, C, step):
+        n = min(step, C - i)
+        yield slice(i, i + n), buffers[0, :n], buffers[1, :n]
 
 
 class ScalarCI(nn.Module):
@@ -241,13 +251,10 @@ class ScalarCI(nn.Module):
         if nonzero is None or nonzero.all():
             return self.gamma(flat).reshape(h.shape)
         rows = nonzero.reshape(-1).nonzero()[:, 0]
-        zero = self.gamma(flat.new_zeros(1, flat.shape[1])).expand_as(flat)  # γ(0)   [N, C]
+        zero = ((F.gelu(self.b_in) * self.w_out).sum(-1) + self.b_out).expand_as(flat)  # γ(0)   [N, C]
         return zero.index_put((rows,), self.gamma(flat[rows])).reshape(h.shape)
 
     def gamma(self, h: torch.Tensor) -> torch.Tensor:  # h [N, C] -> [N, C]
-        if h.numel() * self.w_in.shape[1] <= _STREAM_ABOVE:  # small: plain autograd is as fast
-            hidden = F.gelu(h[..., None] * self.w_in + self.b_in)  # [N, C, d_gate]
-            return (hidden * self.w_out).sum(-1) + self.b_out
         return _ScalarGamma.apply(h, self.w_in, self.b_in, self.w_out, self.b_out)
 
 
@@ -362,6 +369,8 @@ class Decomposition(nn.Module):
                 raise ValueError(f"{s} is tied to {t}, so {t} must be decomposed too (add it to --targets)")
             if self.C[s] != self.C[t]:
                 raise ValueError(f"tied matrices {s} and {t} need the same C, got {self.C[s]} and {self.C[t]}")
+        self._acts: dict[str, torch.Tensor] = {}  # see sharing_inner
+        self._inner: dict[str, torch.Tensor] = {}
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         for name in self.names:
@@ -420,7 +429,7 @@ class Decomposition(nn.Module):
         for name in self.names:
             a = acts[name]
             if self.ci_fn == "scalar":  # Γ on h = a V^T                          [..., C]
-                pre = self.ci_fns[_key(name)](a @ self.UV(name)[1].T, nonzero=a.ne(0).any(-1))
+                pre = self.ci_fns[_key(name)](self.inner(name, a), nonzero=a.ne(0).any(-1))
             else:
                 pre = self.ci_fns[_key(name)](a)
             lower[name], upper[name] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
@@ -428,13 +437,35 @@ class Decomposition(nn.Module):
 
     def component_forward(self, name: str, a: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """One matrix replaced by its subcomponents: ((a V^T) * m) U^T + b, b the target's frozen bias."""
-        U, V = self.UV(name)
-        h = a @ V.T  # [..., C]
+        U = self.UV(name)[0]
+        h = self.inner(name, a)  # [..., C]
         if mask is not None:
             h = h * mask
         out = h @ U.T  # [..., d_out]
         bias = getattr(self.module(name), "bias", None)
         return out if bias is None else out + bias
+
+    def inner(self, name: str, a: torch.Tensor) -> torch.Tensor:
+        """h = a V^T [..., C], the subcomponents' inner activations. Within `sharing_inner(acts)`
+        an input equal to the target pass's a^l (the CI input, and in most recon passes the input
+        of the first replaced matrix) gets the h computed for it the first time: same value, one
+        matmul and one gradient matmul instead of one per pass."""
+        V = self.UV(name)[1]
+        ref = self._acts.get(name)
+        if ref is None or not (a is ref or (a.shape == ref.shape and torch.equal(a, ref))):
+            return a @ V.T
+        if name not in self._inner:
+            self._inner[name] = a @ V.T
+        return self._inner[name]
+
+    @contextmanager
+    def sharing_inner(self, acts: dict[str, torch.Tensor]):
+        """One step's scope for `inner`'s reuse of h = a^l V^T (acts: the target pass's inputs a^l)."""
+        self._acts, self._inner = acts, {}
+        try:
+            yield
+        finally:
+            self._acts, self._inner = {}, {}
 
     @contextmanager
     def replaced(self, masks: dict[str, torch.Tensor | None]):
@@ -601,15 +632,16 @@ def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float, valid: torch.Ten
     Terms whose coefficient is 0 are not computed. valid [B, S] marks real (non-padding) positions
     of a language-model batch: D and importance minimality then ignore the others."""
     target_out, acts = dec.target_forward(x)
-    ci_lower, ci_upper = dec.causal_importance(acts)
-    D = make_divergence(cfg.output_loss, cfg.last_token_only, valid)
-    if valid is not None:
-        ci_upper = {n: g[valid] for n, g in ci_upper.items()}  # [N_valid, C]
-    losses = {"faithfulness": faithfulness_loss(dec.target_weights(), dec.component_weights()),
-              "importance_minimality": importance_minimality_loss(ci_upper, p)}
-    for name, fn in RECON_LOSSES.items():
-        if getattr(cfg, name):
-            losses[name] = fn(dec, x, target_out, ci_lower, D, cfg.n_mask_samples)
+    with dec.sharing_inner(acts):
+        ci_lower, ci_upper = dec.causal_importance(acts)
+        D = make_divergence(cfg.output_loss, cfg.last_token_only, valid)
+        if valid is not None:
+            ci_upper = {n: g[valid] for n, g in ci_upper.items()}  # [N_valid, C]
+        losses = {"faithfulness": faithfulness_loss(dec.target_weights(), dec.component_weights()),
+                  "importance_minimality": importance_minimality_loss(ci_upper, p)}
+        for name, fn in RECON_LOSSES.items():
+            if getattr(cfg, name):
+                losses[name] = fn(dec, x, target_out, ci_lower, D, cfg.n_mask_samples)
     losses["total"] = sum(getattr(cfg, name) * value for name, value in losses.items())
     return losses
 

@@ -3,6 +3,7 @@ differences or a naive loop), the decomposition's invariants, save/load, and bad
 transformer analyses in analysis.py (induction-head Table 1, attention KL, the SVD baseline, GPT-2
 unique subcomponents and the suppression edit) against hand computations and the HF model."""
 
+import contextlib
 import copy
 import json
 import math
@@ -83,9 +84,8 @@ def naive_scalar_gamma(ci, h):
                         for c in range(h.shape[-1])], -1)
 
 
-@pytest.mark.parametrize("stream_above,chunk", [(1 << 24, 0), (0, 1 << 18), (0, 40)])  # plain; streamed in one / many chunks
-def test_scalar_ci_matches_autograd(monkeypatch, stream_above, chunk):
-    monkeypatch.setattr(spd, "_STREAM_ABOVE", stream_above)
+@pytest.mark.parametrize("chunk", [1 << 18, 40, 0])  # one chunk; several (the last one shorter); one c each
+def test_scalar_ci_matches_autograd(monkeypatch, chunk):
     monkeypatch.setattr(spd, "_CHUNK_ELEMS", chunk)
     torch.manual_seed(0)
     ci = spd.ScalarCI(C=7, d_gate=5)
@@ -278,6 +278,28 @@ def test_tied_weights_share_one_set_of_subcomponents():
     U, V = dec.UV("dec")
     U.sum().backward()  # a tied use trains the shared V
     assert dec.components["enc"].V.grad is not None
+
+
+def test_sharing_inner_reuses_h_without_changing_losses_or_gradients():
+    dec = decomposition(tiny_mlp())
+    x = torch.randn(16, 4)
+    out, acts = dec.target_forward(x)
+    D = spd.make_divergence("mse")
+
+    def losses_and_grads(share):
+        torch.manual_seed(3)
+        with dec.sharing_inner(acts) if share else contextlib.nullcontext():
+            lower, _ = dec.causal_importance(acts)
+            loss = (spd.stochastic_recon_loss(dec, x, out, lower, D)
+                    + spd.stochastic_recon_layerwise_loss(dec, x, out, lower, D))
+            if share:  # the input of "0" in every pass is x itself, "2"'s equals the target's a
+                assert dec.inner("0", x) is dec._inner["0"]
+                assert dec.inner("2", acts["2"].clone()) is dec._inner["2"]
+        return [loss, *torch.autograd.grad(loss, dec.parameters_to_train())]
+
+    for shared, plain in zip(losses_and_grads(True), losses_and_grads(False)):
+        assert torch.allclose(shared, plain, atol=1e-6)
+    assert dec._inner == {}  # the reuse ends with the step
 
 
 # --- G. losses -----------------------------------------------------------------------------------------

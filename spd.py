@@ -71,6 +71,7 @@ class SPDConfig:
     recon_layerwise: float = 0.0
     stochastic_recon_partial: float = 0.0  # transformer paper eq. 6
     recon_partial: float = 0.0  # transformer paper eq. 5
+    partial_routing: str = "pass"  # pass: one random subset per forward pass | position: one per position
     # --- importance minimality
     p: float = 1.0  # p-norm; with p_final set, the starting value of a linear anneal
     p_final: float | None = None  # anneal p linearly to this value over the run (None: fixed p)
@@ -100,7 +101,7 @@ class SPDConfig:
         if self.p <= 0 or (self.p_final is not None and self.p_final <= 0):
             raise ValueError(f"--p and --p_final must be > 0, got {self.p} and {self.p_final}")
         choices = {"ci_fn": CI_FNS, "output_loss": ("mse", "kl"), "init": ("projection", "normal"),
-                   "lr_schedule": ("constant", "cosine", "linear")}
+                   "lr_schedule": ("constant", "cosine", "linear"), "partial_routing": ("pass", "position")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
@@ -435,13 +436,17 @@ class Decomposition(nn.Module):
             lower[name], upper[name] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
         return lower, upper
 
-    def component_forward(self, name: str, a: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One matrix replaced by its subcomponents: ((a V^T) * m) U^T + b, b the target's frozen bias."""
+    def component_forward(self, name: str, a: torch.Tensor, mask: torch.Tensor | None = None,
+                          route: torch.Tensor | None = None) -> torch.Tensor:
+        """One matrix replaced by its subcomponents: ((a V^T) * m) U^T + b, b the target's frozen bias.
+        route [...] (optional, bool): replace only at these positions; elsewhere a W^T + b."""
         U = self.UV(name)[0]
         h = self.inner(name, a)  # [..., C]
         if mask is not None:
             h = h * mask
         out = h @ U.T  # [..., d_out]
+        if route is not None:
+            out = torch.where(route[..., None], out, a @ linear_weight(self.module(name)).T)
         bias = getattr(self.module(name), "bias", None)
         return out if bias is None else out + bias
 
@@ -468,22 +473,25 @@ class Decomposition(nn.Module):
             self._acts, self._inner = {}, {}
 
     @contextmanager
-    def replaced(self, masks: dict[str, torch.Tensor | None]):
+    def replaced(self, masks: dict[str, torch.Tensor | None], routes: dict[str, torch.Tensor] | None = None):
         """Within the block, each module named in `masks` runs component_forward with its mask (None:
-        unmasked U V); every other module keeps the target's weights."""
+        unmasked U V), at the positions its route marks if `routes` names it (else everywhere);
+        every other module keeps the target's weights."""
         for name in masks:
             if name not in self.C:
                 raise KeyError(f"{name!r} is not a decomposed matrix; decomposed: {self.names}")
+        routes = routes or {}
         try:
             for name, mask in masks.items():
-                self.module(name).forward = functools.partial(self.component_forward, name, mask=mask)
+                self.module(name).forward = functools.partial(self.component_forward, name, mask=mask,
+                                                              route=routes.get(name))
             yield
         finally:
             for name in masks:
                 self.module(name).__dict__.pop("forward", None)
 
-    def forward(self, x, masks: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        with self.replaced(masks):
+    def forward(self, x, masks: dict[str, torch.Tensor | None], routes: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        with self.replaced(masks, routes):
             return self.target(x)
 
 
@@ -594,35 +602,55 @@ def recon_layerwise_loss(dec: Decomposition, x, target_out, ci: dict, D: Callabl
 
 def random_subset(names: list[str], generator: torch.Generator | None = None) -> list[str]:
     """A subset M of the decomposed matrices: k ~ U{1..L}, then a uniformly random k-subset. The
-    transformer paper does not give the distribution; this is the authors' later code's, drawn once
-    per forward pass (the paper's eqs. 5-6) rather than per position."""
+    transformer paper does not give the distribution; this is the authors' later code's. Drawn once
+    per forward pass by default (eqs. 5-6 read literally); partial_routing="position" draws one per
+    position instead (random_subset_per_position), as the authors' later code does."""
     L = len(names)
     k = int(torch.randint(1, L + 1, (1,), generator=generator))
     return [names[i] for i in torch.randperm(L, generator=generator)[:k].tolist()]
 
 
-def recon_partial_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable) -> torch.Tensor:
-    """Transformer paper eq. 5: D(f(x | W^l(x, g^l) for l in M, target W elsewhere), f(x | W))."""
-    return D(dec(x, {n: ci[n] for n in random_subset(dec.names)}), target_out)
+def random_subset_per_position(names: list[str], shape: torch.Size, device=None,
+                               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """`random_subset` drawn independently at every position: {name: bool [*shape]}, True where
+    the matrix belongs to that position's subset (the reading of the authors' later code)."""
+    L = len(names)
+    k = torch.randint(1, L + 1, (*shape, 1), generator=generator, device=device)  # subset size per position
+    ranks = torch.rand(*shape, L, generator=generator, device=device).argsort(-1).argsort(-1)  # a random permutation
+    chosen = ranks < k  # the first k matrices of that permutation                      [*shape, L]
+    return {n: chosen[..., i] for i, n in enumerate(names)}
 
 
-def stochastic_recon_partial_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, S: int = 1) -> torch.Tensor:
+def _partial_pass(dec: Decomposition, x, masks: dict, per_position: bool) -> torch.Tensor:
+    """One forward pass with a random subset of the matrices replaced (per pass or per position)."""
+    if not per_position:
+        return dec(x, {n: masks[n] for n in random_subset(dec.names)})
+    some = next(iter(masks.values()))
+    return dec(x, masks, random_subset_per_position(dec.names, some.shape[:-1], some.device))
+
+
+def recon_partial_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, per_position: bool = False) -> torch.Tensor:
+    """Transformer paper eq. 5: D(f(x | W^l(x, g^l) for l in M, target W elsewhere), f(x | W)).
+    per_position: a subset M per position instead of one per forward pass (the paper is silent)."""
+    return D(_partial_pass(dec, x, ci, per_position), target_out)
+
+
+def stochastic_recon_partial_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, S: int = 1,
+                                  per_position: bool = False) -> torch.Tensor:
     """Transformer paper eq. 6: 1/S Σ_s D(f(x | W^l(x, r^(l,s)) for l in M^(s), target W elsewhere),
-    f(x | W)), with a fresh subset M^(s) and fresh masks per sample."""
-    total = 0.0
-    for _ in range(S):
-        masks = sample_masks(ci)
-        total = total + D(dec(x, {n: masks[n] for n in random_subset(dec.names)}), target_out)
-    return total / S
+    f(x | W)), with a fresh subset M^(s) (per pass, or per position) and fresh masks per sample."""
+    return sum(D(_partial_pass(dec, x, sample_masks(ci), per_position), target_out) for _ in range(S)) / S
 
 
-RECON_LOSSES = {  # name (= SPDConfig coefficient) -> loss(dec, x, target_out, ci_lower, D, S)
-    "stochastic_recon": stochastic_recon_loss,
-    "stochastic_recon_layerwise": stochastic_recon_layerwise_loss,
-    "stochastic_recon_partial": stochastic_recon_partial_loss,
-    "recon": lambda dec, x, y, ci, D, S: recon_loss(dec, x, y, ci, D),
-    "recon_layerwise": lambda dec, x, y, ci, D, S: recon_layerwise_loss(dec, x, y, ci, D),
-    "recon_partial": lambda dec, x, y, ci, D, S: recon_partial_loss(dec, x, y, ci, D),
+RECON_LOSSES = {  # name (= SPDConfig coefficient) -> loss(dec, x, target_out, ci_lower, D, cfg)
+    "stochastic_recon": lambda dec, x, y, ci, D, cfg: stochastic_recon_loss(dec, x, y, ci, D, cfg.n_mask_samples),
+    "stochastic_recon_layerwise": lambda dec, x, y, ci, D, cfg: stochastic_recon_layerwise_loss(
+        dec, x, y, ci, D, cfg.n_mask_samples),
+    "stochastic_recon_partial": lambda dec, x, y, ci, D, cfg: stochastic_recon_partial_loss(
+        dec, x, y, ci, D, cfg.n_mask_samples, cfg.partial_routing == "position"),
+    "recon": lambda dec, x, y, ci, D, cfg: recon_loss(dec, x, y, ci, D),
+    "recon_layerwise": lambda dec, x, y, ci, D, cfg: recon_layerwise_loss(dec, x, y, ci, D),
+    "recon_partial": lambda dec, x, y, ci, D, cfg: recon_partial_loss(dec, x, y, ci, D, cfg.partial_routing == "position"),
 }
 
 
@@ -641,7 +669,7 @@ def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float, valid: torch.Ten
                   "importance_minimality": importance_minimality_loss(ci_upper, p)}
         for name, fn in RECON_LOSSES.items():
             if getattr(cfg, name):
-                losses[name] = fn(dec, x, target_out, ci_lower, D, cfg.n_mask_samples)
+                losses[name] = fn(dec, x, target_out, ci_lower, D, cfg)
     losses["total"] = sum(getattr(cfg, name) * value for name, value in losses.items())
     return losses
 

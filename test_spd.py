@@ -369,6 +369,48 @@ def test_recon_losses_against_direct_forward_passes():
         ((dec(x, {n: ci[n] for n in subset}) - y) ** 2).mean().item())
 
 
+def test_routes_replace_a_matrix_only_at_the_chosen_positions():
+    dec = decomposition(tiny_mlp())
+    x = torch.randn(16, 4)
+    y, acts = dec.target_forward(x)
+    ci, _ = dec.causal_importance(acts)
+    everywhere, nowhere = torch.ones(16, dtype=torch.bool), torch.zeros(16, dtype=torch.bool)
+    assert torch.allclose(dec(x, ci, {n: everywhere for n in dec.names}), dec(x, ci))
+    assert torch.allclose(dec(x, ci, {n: nowhere for n in dec.names}), y)
+    routes = spd.random_subset_per_position(dec.names, torch.Size([16]), generator=torch.Generator().manual_seed(0))
+    mixed = dec(x, ci, routes)
+    for b in range(16):  # row b: exactly the matrices of its own subset replaced
+        chosen = {n: ci[n][b:b + 1] for n in dec.names if routes[n][b]}
+        assert torch.allclose(mixed[b:b + 1], dec(x[b:b + 1], chosen), atol=1e-6)
+
+
+def test_per_position_subsets_are_nonempty_with_uniform_size():
+    g = torch.Generator().manual_seed(0)
+    names = list("abcd")
+    routes = spd.random_subset_per_position(names, torch.Size([50, 80]), generator=g)
+    sizes = torch.stack([routes[n] for n in names], -1).sum(-1)  # [50, 80]
+    assert sizes.min() >= 1
+    for k in range(1, 5):
+        assert abs((sizes == k).float().mean().item() - 0.25) < 0.03
+    for n in names:  # by symmetry each matrix is in a subset with probability (1+2+3+4)/4/4 = 0.625
+        assert abs(routes[n].float().mean().item() - 0.625) < 0.03
+
+
+def test_partial_routing_flag_reaches_the_losses(monkeypatch):
+    dec = decomposition(tiny_mlp())
+    x = torch.randn(16, 4)
+    real, calls = spd.random_subset_per_position, []
+    monkeypatch.setattr(spd, "random_subset_per_position", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    for routing, n_calls in [("pass", 0), ("position", 2)]:
+        cfg = spd.SPDConfig(stochastic_recon=0, stochastic_recon_layerwise=0, recon_partial=1.0,
+                            stochastic_recon_partial=1.0, partial_routing=routing)
+        losses = spd.spd_losses(dec, x, cfg, p=1.0)
+        assert losses["recon_partial"] > 0 and losses["stochastic_recon_partial"] > 0
+        assert calls == [torch.Size([16])] * n_calls  # one subset per position of the batch
+    with pytest.raises(ValueError, match="partial_routing"):
+        spd.SPDConfig(partial_routing="token").validate()
+
+
 def test_random_subset_size_is_uniform():
     g = torch.Generator().manual_seed(0)
     names = list("abcd")

@@ -708,17 +708,22 @@ def split_batch(batch) -> tuple[object, torch.Tensor | None]:
 
 def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple], cfg: SPDConfig,
              log: Callable[[int, dict], None] | None = None, log_every: int = 1000,
-             checkpoint: Callable[[int], None] | None = None, save_every: int = 0,
-             progress: bool = True) -> dict[str, float]:
+             checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None, save_every: int = 0,
+             progress: bool = True, start_step: int = 0, opt_state: dict | None = None) -> dict[str, float]:
     """Algorithm 1's training loop: AdamW (weight decay cfg.weight_decay, 0 = Adam) over U, V and Γ.
     batch_fn(batch_size) returns inputs x, or (x, valid) with valid [B, S] marking real positions.
-    Calls log(step, losses) every log_every steps and checkpoint(step) every save_every steps.
-    Raises FloatingPointError on a non-finite loss (what was last checkpointed is kept)."""
+    Calls log(step, losses) every log_every steps and checkpoint(step, optimizer) every save_every
+    steps and at the end. A resumed run passes start_step and the optimizer's saved state_dict. Raises
+    FloatingPointError on a non-finite loss (what was last checkpointed is kept)."""
     from tqdm import tqdm
 
     params = dec.parameters_to_train()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    bar = tqdm(range(cfg.steps), disable=not progress, desc="SPD", dynamic_ncols=True, mininterval=1.0)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    losses = {}
+    bar = tqdm(range(start_step, cfg.steps), disable=not progress, desc="SPD", dynamic_ncols=True, mininterval=1.0,
+               initial=start_step, total=cfg.steps)
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
@@ -734,8 +739,10 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
         if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
             log(step, {k: v.item() for k, v in losses.items()})
             bar.set_postfix(total=f"{losses['total'].item():.3g}")
-        if checkpoint is not None and save_every and (step + 1) % save_every == 0:
-            checkpoint(step + 1)
+        if checkpoint is not None and save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
+            checkpoint(step + 1, opt)
+    if checkpoint is not None:
+        checkpoint(cfg.steps, opt)
     return {k: v.item() for k, v in losses.items()}
 
 
@@ -785,9 +792,11 @@ def permute_to_identity(ci: torch.Tensor) -> torch.Tensor:
 # ================================================================================================
 
 
-def save(dec: Decomposition, out_dir: str | os.PathLike, config: dict | None = None, step: int | None = None) -> None:
+def save(dec: Decomposition, out_dir: str | os.PathLike, config: dict | None = None, step: int | None = None,
+         train_state: dict | None = None) -> None:
     """Writes decomposition.pt (U, V and Γ parameters only; loadable with weights_only=True) and
-    config.json (format version, matrices, C, the run's config). Each file is written to a
+    config.json (format version, matrices, C, the run's config), and train_state.pt if given
+    (tensors and numbers to resume from: optimizer state, RNG states). Each file is written to a
     temporary name and renamed, so a run killed mid-save keeps the previous checkpoint."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -795,6 +804,9 @@ def save(dec: Decomposition, out_dir: str | os.PathLike, config: dict | None = N
             "ci_fn": dec.ci_fn, "tied": dec.tied,
             "shapes": {n: list(linear_weight(dec.module(n)).shape) for n in dec.names},
             "config": config or {}}
+    if train_state is not None:  # first, so that config.json's step never runs ahead of it
+        torch.save({**train_state, "step": step}, out / "train_state.pt.tmp")
+        os.replace(out / "train_state.pt.tmp", out / "train_state.pt")
     tmp = out / "decomposition.pt.tmp"
     state = {k: v for k, v in dec.state_dict().items() if not k.startswith("target.")}
     torch.save(state, tmp)

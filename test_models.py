@@ -371,6 +371,41 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "200")  # cached target
 
 
+def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch):
+    import json
+
+    import spd
+    import train
+
+    def cli(out, *extra):
+        return train.main(["--model", "tms_5-2", "--steps", "20", "--batch_size", "64", "--target_steps", "200",
+                           "--save_every", "10", "--log_every", "5", "--target_dir", str(tmp_path / "targets"),
+                           "--no_progress", "--out", str(tmp_path / out), *extra])
+
+    whole = cli("whole")
+    real, calls = spd.spd_losses, []
+
+    def killed_at_step_15(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 15:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spd, "spd_losses", killed_at_step_15)
+    with pytest.raises(KeyboardInterrupt):
+        cli("killed")
+    monkeypatch.setattr(spd, "spd_losses", real)
+    assert json.loads((tmp_path / "killed" / "config.json").read_text())["step"] == 10  # what it saved
+    with pytest.raises(SystemExit, match=r"other settings .*differing flags: \['C'\]"):
+        cli("killed", "--resume", "--C", "10")
+    with pytest.raises(SystemExit, match="no checkpoint to resume"):
+        cli("fresh", "--resume")
+    resumed = cli("killed", "--resume")
+    a, b = (torch.load(tmp_path / d / "decomposition.pt", weights_only=True) for d in ("whole", "killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never killed
+    assert resumed["final_losses"] == whole["final_losses"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--model", "tms_9-9"], "unknown --model 'tms_9-9'"),
     (["--model", "tms_5-2", "--steps", "-5"], "--steps must be positive, got -5"),

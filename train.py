@@ -68,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--target_seed", type=int, help="override the target's training seed")
     ap.add_argument("--log_every", type=int, default=1000)
     ap.add_argument("--save_every", type=int, default=5000, help="checkpoint every N steps (0: only at the end)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the killed run in --out from its last checkpoint (give the same flags)")
     ap.add_argument("--no_progress", action="store_true", help="no progress bars")
     ap.add_argument("--pretrained", default="gpt2", help="gpt2: HF model name or local folder")
     ap.add_argument("--dataset", default=None, help="gpt2: text file, one prompt per line (default: the paper's two sentences)")
@@ -131,6 +133,45 @@ def get_target(args, device) -> tuple[torch.nn.Module, dict]:
     return model, tcfg
 
 
+def train_state(opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
+    """What a checkpoint needs beyond the weights to continue exactly: Adam's moments and both RNGs."""
+    state = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tuple[int, dict]:
+    """Loads the last checkpoint of the run in `out` into dec and the RNGs; returns (step, optimizer
+    state). On the same machine the continued run matches an uninterrupted one exactly."""
+    path = out / "train_state.pt"
+    if not path.exists():
+        raise SystemExit(f"--resume: no checkpoint to resume in {out} (train_state.pt is written every "
+                         f"--save_every steps); drop --resume to start afresh")
+    try:
+        saved = json.loads((out / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--resume: cannot read {out / 'config.json'} ({e}); start afresh with another --out")
+    if saved.get("model") != run_config["model"] or saved.get("spd") != run_config["spd"]:
+        diff = sorted(k for k in run_config["spd"] if saved.get("spd", {}).get(k) != run_config["spd"][k])
+        raise SystemExit(f"--resume: the run in {out} was made with other settings (model {saved.get('model')}; "
+                         f"differing flags: {diff}); use the same flags or another --out")
+    try:
+        meta = spd.load(dec, out)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--resume: {e}")
+    if state["step"] != meta["step"]:
+        raise SystemExit(f"--resume: {out} holds weights of step {meta['step']} but optimizer state of step "
+                         f"{state['step']} (killed mid-save); start afresh with another --out")
+    torch.set_rng_state(state["torch_rng"])
+    gen.set_state(state["data_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    print(f"resuming {out} at step {state['step']}")
+    return state["step"], state["optimizer"]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.model not in PRESETS:
@@ -165,7 +206,8 @@ def main(argv=None) -> dict:
     sample = (lambda b, g=None: prompts) if args.model == "gpt2" else models.batch_fn(tcfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg}
-    log_file = open(out / "losses.jsonl", "a")
+    start, opt_state = resume(args, dec, run_config, out, gen) if args.resume else (0, None)
+    log_file = open(out / "losses.jsonl", "a" if args.resume else "w")
 
     def log(step, losses):
         log_file.write(json.dumps({"step": step, **losses}) + "\n")
@@ -176,16 +218,16 @@ def main(argv=None) -> dict:
     t0 = time.time()
     try:
         final = spd.optimize(dec, lambda b: sample(b, gen), cfg, log=log, log_every=args.log_every,
-                             checkpoint=lambda step: spd.save(dec, out, run_config, step), save_every=args.save_every,
-                             progress=not args.no_progress)
+                             checkpoint=lambda step, opt: spd.save(dec, out, run_config, step, train_state(opt, gen)),
+                             save_every=args.save_every, progress=not args.no_progress,
+                             start_step=start, opt_state=opt_state)
     except FloatingPointError as e:
         raise SystemExit(f"{e}\nthe last checkpoint (if any) is in {out}")
     seconds = time.time() - t0
-    spd.save(dec, out, run_config, cfg.steps)
 
     # --- evaluation
     eval_batch = sample(cfg.batch_size, torch.Generator(device=device).manual_seed(12345))
-    metrics = {"final_losses": final, "seconds": seconds, "ms_per_step": 1000 * seconds / cfg.steps,
+    metrics = {"final_losses": final, "seconds": seconds, "ms_per_step": 1000 * seconds / max(cfg.steps - start, 1),
                "device": str(device), **analysis.evaluate_common(dec, eval_batch, cfg)}
     if tcfg["family"] == "tms":
         metrics.update(analysis.evaluate_tms(dec, out))

@@ -160,6 +160,14 @@ def dense_out_count(ci: dict[str, torch.Tensor], threshold: float = 0.1) -> int:
     return sum(int(((g > threshold).float().mean(0) >= 0.5).sum()) for n, g in ci.items() if n.endswith("mlp_out"))
 
 
+def out_activity(ci: dict[str, torch.Tensor], threshold: float = 0.1) -> tuple[int, float]:
+    """W_out subcomponents (all layers) with g > 0.1 on some one-hot input, and the mean fraction of
+    the one-hot inputs on which each of them is (1.0: the paper's single dense component)."""
+    active = torch.cat([g > threshold for n, g in ci.items() if n.endswith("mlp_out")], dim=1)  # [n, C_total]
+    used = active.any(0)
+    return int(used.sum()), float(active[:, used].float().mean()) if used.any() else 0.0
+
+
 @torch.no_grad()
 def neuron_contributions(dec: spd.Decomposition, W_E: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Eqs. 11, 12 for one layer. Target: NC[i, n] = (W_U[i] W_out)_n (W_in W_E[i])_n.
@@ -181,6 +189,7 @@ def evaluate_resid_mlp(dec: spd.Decomposition, target: torch.nn.Module, out_dir:
     n_features = target.W_E.shape[0]
     ci = one_hot_ci(dec, n_features)
     out = {"in_monosemantic_fraction": monosemantic_in_fraction(ci), "out_dense_count": dense_out_count(ci)}
+    out["out_alive_count"], out["out_active_fraction"] = out_activity(ci)
     xs, ys = [], []
     for layer in range(len(target.layers)):
         t, s = neuron_contributions(dec, target.W_E, layer)
@@ -929,19 +938,24 @@ def tms_table(runs) -> str:
 
 
 def resid_table(runs) -> str:
-    lines = ["| Model | W_in monosemantic fraction | dense W_out subcomponents (paper) | neuron-contribution r | "
-             "stochastic recon | steps |", "|---|---|---|---|---|---|"]
+    lines = ["| Model | W_in monosemantic fraction (paper) | W_out subcomponents used (paper) | share of one-hot "
+             "inputs each is active on | active on ≥ half | neuron-contribution r | stochastic recon | steps |",
+             "|---|---|---|---|---|---|---|---|"]
     commands = []
     for d, c, m in runs:
         if c["model"] not in PAPER_RESID_OUT_DENSE:
             continue
-        lines.append(f"| {c['model']} ({d.name}) | {m['in_monosemantic_fraction']:.3f} | {m['out_dense_count']} "
-                     f"({PAPER_RESID_OUT_DENSE[c['model']]}) | {m['neuron_contribution_corr']:.3f} | "
+        lines.append(f"| {c['model']} ({d.name}) | {m['in_monosemantic_fraction']:.3f} (1.0) | "
+                     f"{m.get('out_alive_count', '-')} ({PAPER_RESID_OUT_DENSE[c['model']]}) | "
+                     f"{m.get('out_active_fraction', float('nan')):.2f} | {m['out_dense_count']} | "
+                     f"{m['neuron_contribution_corr']:.4f} | "
                      f"{m['eval_losses'].get('stochastic_recon', float('nan')):.3g} | {c['spd']['steps']} |")
         commands.append(_command(d, c))
-    lines += ["", "Paper: every W_in feature gets its own subcomponent in every layer (fraction 1.0) and W_out",
-              "becomes one dense rank-50 (51) component; figures ci_one_hot.png and neuron_contributions.png",
-              "are in each run folder. Commands:", "", "```"] + commands + ["```"]
+    lines += ["", "Paper: every W_in feature gets its own subcomponent in every layer (fraction 1.0); W_out is split",
+              "into 50 (51) subcomponents that form one rank-50 (51) component (\"noisy\" for 1 layer, Figure 8;",
+              "co-active on all inputs for 2 and 3 layers, Figures 12, 13). Active means upper-leaky g > 0.1 on",
+              "the one-hot inputs 0.75 e_i. Figures ci_one_hot.png and neuron_contributions.png are in each run",
+              "folder. Commands:", "", "```"] + commands + ["```"]
     return "\n".join(lines) + "\n"
 
 

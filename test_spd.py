@@ -563,6 +563,7 @@ def test_resid_metrics_by_hand():
     ci["layers.0.mlp_in"][2, 1] = 0.5  # feature 2 now shares feature 1's subcomponent
     assert analysis.monosemantic_in_fraction(ci) == pytest.approx(1 / 3)
     assert analysis.dense_out_count(ci) == 2  # columns 0 (3/3) and 1 (2/3) are active on >= half
+    assert analysis.out_activity(ci) == (2, pytest.approx(5 / 6))  # column 2 never active; (3 + 2) / 6
 
 
 def test_neuron_contributions_of_a_per_feature_decomposition_equal_the_targets():

@@ -805,14 +805,17 @@ def save(dec: Decomposition, out_dir: str | os.PathLike, config: dict | None = N
             "shapes": {n: list(linear_weight(dec.module(n)).shape) for n in dec.names},
             "config": config or {}}
     if train_state is not None:  # first, so that config.json's step never runs ahead of it
-        torch.save({**train_state, "step": step}, out / "train_state.pt.tmp")
-        os.replace(out / "train_state.pt.tmp", out / "train_state.pt")
-    tmp = out / "decomposition.pt.tmp"
+        _write_atomic(out / "train_state.pt", lambda tmp: torch.save({**train_state, "step": step}, tmp))
     state = {k: v for k, v in dec.state_dict().items() if not k.startswith("target.")}
-    torch.save(state, tmp)
-    os.replace(tmp, out / "decomposition.pt")
-    (out / "config.json.tmp").write_text(json.dumps(meta, indent=2, default=_jsonable))
-    os.replace(out / "config.json.tmp", out / "config.json")
+    _write_atomic(out / "decomposition.pt", lambda tmp: torch.save(state, tmp))
+    _write_atomic(out / "config.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=_jsonable)))
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """write(tmp) to a temporary name beside `path`, then rename: a reader sees the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def load(dec: Decomposition, run_dir: str | os.PathLike) -> dict:

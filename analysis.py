@@ -955,7 +955,8 @@ def resid_table(runs) -> str:
               "into 50 (51) subcomponents that form one rank-50 (51) component (\"noisy\" for 1 layer, Figure 8;",
               "co-active on all inputs for 2 and 3 layers, Figures 12, 13). Active means upper-leaky g > 0.1 on",
               "the one-hot inputs 0.75 e_i. Figures ci_one_hot.png and neuron_contributions.png are in each run",
-              "folder. Commands:", "", "```"] + commands + ["```"]
+              "folder. A run that finished before one of these columns existed was re-evaluated from its",
+              "checkpoint with its command plus `--evaluate_only`. Commands:", "", "```"] + commands + ["```"]
     return "\n".join(lines) + "\n"
 
 

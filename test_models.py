@@ -352,6 +352,7 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     import json
 
     import spd
+    import train
 
     metrics = run_cli(tmp_path, "--model", "tms_5-2", "--steps", "30", "--batch_size", "64", "--target_steps", "200",
                       "--save_every", "10")
@@ -368,6 +369,14 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     dec = spd.Decomposition(target, cfg.targets, C=cfg.C, d_gate=cfg.d_gate)
     spd.load(dec, run)
     assert spd.mmcs_ml2r(dec.target_weights()["linear1"], *dec.UV("linear1")) == (metrics["mmcs"], metrics["ml2r"])
+    # re-evaluation of the finished run: same metrics, training log untouched
+    log = (run / "losses.jsonl").read_text()
+    again = run_cli(tmp_path, "--model", "tms_5-2", "--steps", "30", "--batch_size", "64", "--target_steps", "200",
+                    "--evaluate_only")
+    assert again == metrics and (run / "losses.jsonl").read_text() == log
+    with pytest.raises(SystemExit, match="--evaluate_only: .*not found"):
+        train.main(["--model", "tms_5-2", "--out", str(tmp_path / "nothing"), "--target_dir", str(tmp_path / "targets"),
+                    "--target_steps", "200", "--evaluate_only", "--no_progress"])
     run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "200")  # cached target
 
 

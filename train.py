@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--save_every", type=int, default=5000, help="checkpoint every N steps (0: only at the end)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the killed run in --out from its last checkpoint (give the same flags)")
+    ap.add_argument("--evaluate_only", action="store_true",
+                    help="reload the finished run in --out (same flags) and recompute its metrics and figures")
     ap.add_argument("--no_progress", action="store_true", help="no progress bars")
     ap.add_argument("--pretrained", default="gpt2", help="gpt2: HF model name or local folder")
     ap.add_argument("--dataset", default=None, help="gpt2: text file, one prompt per line (default: the paper's two sentences)")
@@ -172,6 +174,40 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
     return state["step"], state["optimizer"]
 
 
+def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path) -> dict:
+    """The training part of a run (fresh or --resume); returns its final losses and timing."""
+    start, opt_state = resume(args, dec, run_config, out, gen) if args.resume else (0, None)
+    log_file = open(out / "losses.jsonl", "a" if args.resume else "w")
+
+    def log(step, losses):
+        log_file.write(json.dumps({"step": step, **losses}) + "\n")
+        log_file.flush()
+        if args.no_progress or step % (args.log_every * 10) == 0 or step == cfg.steps - 1:
+            print(f"step {step:>7d}  " + "  ".join(f"{k} {v:.3g}" for k, v in losses.items()), flush=True)
+
+    t0 = time.time()
+    try:
+        final = spd.optimize(dec, lambda b: sample(b, gen), cfg, log=log, log_every=args.log_every,
+                             checkpoint=lambda step, opt: spd.save(dec, out, run_config, step, train_state(opt, gen)),
+                             save_every=args.save_every, progress=not args.no_progress,
+                             start_step=start, opt_state=opt_state)
+    except FloatingPointError as e:
+        raise SystemExit(f"{e}\nthe last checkpoint (if any) is in {out}")
+    seconds = time.time() - t0
+    return {"final_losses": final, "seconds": seconds, "ms_per_step": 1000 * seconds / max(cfg.steps - start, 1)}
+
+
+def reload_finished(dec, out: Path) -> dict:
+    """--evaluate_only: loads the finished run in `out` into dec; returns the training part of its
+    metrics.json unchanged (final losses and timing), so only the evaluation is recomputed."""
+    try:
+        spd.load(dec, out)
+        old = json.loads((out / "metrics.json").read_text())
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--evaluate_only: {e} (is {out} a finished run? a killed one continues with --resume)")
+    return {k: old[k] for k in ("final_losses", "seconds", "ms_per_step")}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.model not in PRESETS:
@@ -206,29 +242,12 @@ def main(argv=None) -> dict:
     sample = (lambda b, g=None: prompts) if args.model == "gpt2" else models.batch_fn(tcfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg}
-    start, opt_state = resume(args, dec, run_config, out, gen) if args.resume else (0, None)
-    log_file = open(out / "losses.jsonl", "a" if args.resume else "w")
+    training = reload_finished(dec, out) if args.evaluate_only else decompose(args, cfg, dec, sample, gen, run_config, out)
 
-    def log(step, losses):
-        log_file.write(json.dumps({"step": step, **losses}) + "\n")
-        log_file.flush()
-        if args.no_progress or step % (args.log_every * 10) == 0 or step == cfg.steps - 1:
-            print(f"step {step:>7d}  " + "  ".join(f"{k} {v:.3g}" for k, v in losses.items()), flush=True)
-
-    t0 = time.time()
-    try:
-        final = spd.optimize(dec, lambda b: sample(b, gen), cfg, log=log, log_every=args.log_every,
-                             checkpoint=lambda step, opt: spd.save(dec, out, run_config, step, train_state(opt, gen)),
-                             save_every=args.save_every, progress=not args.no_progress,
-                             start_step=start, opt_state=opt_state)
-    except FloatingPointError as e:
-        raise SystemExit(f"{e}\nthe last checkpoint (if any) is in {out}")
-    seconds = time.time() - t0
-
-    # --- evaluation
+    # --- evaluation, from a fixed RNG state (its stochastic losses draw masks): --evaluate_only repeats it exactly
+    torch.manual_seed(12345)
     eval_batch = sample(cfg.batch_size, torch.Generator(device=device).manual_seed(12345))
-    metrics = {"final_losses": final, "seconds": seconds, "ms_per_step": 1000 * seconds / max(cfg.steps - start, 1),
-               "device": str(device), **analysis.evaluate_common(dec, eval_batch, cfg)}
+    metrics = {**training, "device": str(device), **analysis.evaluate_common(dec, eval_batch, cfg)}
     if tcfg["family"] == "tms":
         metrics.update(analysis.evaluate_tms(dec, out))
     elif tcfg["family"] == "resid_mlp":

@@ -3,6 +3,7 @@
     python benchmark.py                          # toy presets: ms/step, peak memory, ratio to the authors' code
     python benchmark.py --presets induction --seq_lens 16 64 1024 --ci_fns scalar vector attention
     python benchmark.py --presets gpt2           # GPT-2 small architecture, random weights (same cost)
+    python benchmark.py --presets tms_5-2 --profile   # also where a step's time goes (torch.profiler)
 
 Each (preset, CI function, sequence length) runs in its own subprocess, so the peak memory is
 that configuration's alone (RSS on CPU, torch.cuda.max_memory_allocated on GPU). A step is the
@@ -54,13 +55,18 @@ def build(preset: str, ci_fn: str | None, seq_len: int | None, device: torch.dev
     return dec, cfg, sample
 
 
-def time_one(preset, ci_fn, seq_len, steps, device_name, batch) -> dict:
+def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False) -> dict:
     import spd
 
     device = torch.device(device_name)
     dec, cfg, sample = build(preset, ci_fn, seq_len, device, batch)
     opt = torch.optim.AdamW(dec.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     times = []
+    if profile:  # the timed steps, under torch.profiler: top ops and how many ran per step
+        from torch.profiler import profile as torch_profile
+
+        prof = torch_profile()
+        prof.__enter__()
     for _ in range(steps + 2):  # two warm-up steps
         t = time.perf_counter()
         losses = spd.spd_losses(dec, sample(cfg.batch_size), cfg, cfg.p)
@@ -70,6 +76,13 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    if profile:
+        prof.__exit__(None, None, None)
+        events = prof.key_averages()
+        top_level = sum(1 for e in prof.events() if e.name.startswith("aten::")
+                        and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
+        print(f"top-level aten ops per step: {top_level / (steps + 2):.0f}", file=sys.stderr)
     ms = sorted(times[2:])[len(times[2:]) // 2] * 1000
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -88,12 +101,13 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
+    ap.add_argument("--profile", action="store_true", help="print where each configuration's step time goes")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:  # child process: one configuration
         preset, ci_fn, seq_len = args._one
         row = time_one(preset, None if ci_fn == "-" else ci_fn, None if seq_len == "-" else int(seq_len),
-                       args.steps, args.device, args.batch)
+                       args.steps, args.device, args.batch, args.profile)
         print("ROW " + json.dumps(row))
         return
     rows = []
@@ -105,7 +119,11 @@ def main():
                        "--steps", str(args.steps), "--device", args.device]
                 if args.batch:
                     cmd += ["--batch", str(args.batch)]
+                if args.profile:
+                    cmd.append("--profile")
                 res = subprocess.run(cmd, capture_output=True, text=True)
+                if args.profile:
+                    print(res.stderr)
                 line = [l for l in res.stdout.splitlines() if l.startswith("ROW ")]
                 if not line:
                     print(f"{preset:14s} failed: {res.stderr.strip().splitlines()[-1] if res.stderr else '?'}")

@@ -4,6 +4,7 @@
     python benchmark.py --presets induction --seq_lens 16 64 1024 --ci_fns scalar vector attention
     python benchmark.py --presets gpt2           # GPT-2 small architecture, random weights (same cost)
     python benchmark.py --presets tms_5-2 --profile   # also where a step's time goes (torch.profiler)
+    python benchmark.py --presets tms_5-2 --compile   # spd_losses under torch.compile (an experiment)
 
 Each (preset, CI function, sequence length) runs in its own subprocess, so the peak memory is
 that configuration's alone (RSS on CPU, torch.cuda.max_memory_allocated on GPU). A step is the
@@ -55,11 +56,13 @@ def build(preset: str, ci_fn: str | None, seq_len: int | None, device: torch.dev
     return dec, cfg, sample
 
 
-def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False) -> dict:
+def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, compile=False) -> dict:
     import spd
 
     device = torch.device(device_name)
     dec, cfg, sample = build(preset, ci_fn, seq_len, device, batch)
+    losses_fn = torch.compile(spd.spd_losses) if compile else spd.spd_losses
+    warmup = 10 if compile else 2  # torch.compile recompiles over the first steps
     opt = torch.optim.AdamW(dec.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     times = []
     if profile:  # the timed steps, under torch.profiler: top ops and how many ran per step
@@ -67,9 +70,9 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False) -
 
         prof = torch_profile()
         prof.__enter__()
-    for _ in range(steps + 2):  # two warm-up steps
+    for _ in range(steps + warmup):
         t = time.perf_counter()
-        losses = spd.spd_losses(dec, sample(cfg.batch_size), cfg, cfg.p)
+        losses = losses_fn(dec, sample(cfg.batch_size), cfg, cfg.p)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         opt.step()
@@ -82,8 +85,8 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False) -
         top_level = sum(1 for e in prof.events() if e.name.startswith("aten::")
                         and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
         print(events.table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
-        print(f"top-level aten ops per step: {top_level / (steps + 2):.0f}", file=sys.stderr)
-    ms = sorted(times[2:])[len(times[2:]) // 2] * 1000
+        print(f"top-level aten ops per step: {top_level / (steps + warmup):.0f}", file=sys.stderr)
+    ms = sorted(times[warmup:])[len(times[warmup:]) // 2] * 1000
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"preset": preset, "ci_fn": cfg.ci_fn, "seq_len": seq_len, "batch": cfg.batch_size, "C": cfg.C,
@@ -102,12 +105,13 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--profile", action="store_true", help="print where each configuration's step time goes")
+    ap.add_argument("--compile", action="store_true", help="time spd_losses under torch.compile (an experiment; train.py does not use it)")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._one:  # child process: one configuration
         preset, ci_fn, seq_len = args._one
         row = time_one(preset, None if ci_fn == "-" else ci_fn, None if seq_len == "-" else int(seq_len),
-                       args.steps, args.device, args.batch, args.profile)
+                       args.steps, args.device, args.batch, args.profile, args.compile)
         print("ROW " + json.dumps(row))
         return
     rows = []
@@ -119,8 +123,7 @@ def main():
                        "--steps", str(args.steps), "--device", args.device]
                 if args.batch:
                     cmd += ["--batch", str(args.batch)]
-                if args.profile:
-                    cmd.append("--profile")
+                cmd += ["--profile"] * args.profile + ["--compile"] * args.compile
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if args.profile:
                     print(res.stderr)

@@ -470,6 +470,19 @@ def tms_target_ok(model, min_norm=0.5):
     return bool((model.linear1.weight.norm(dim=0) > min_norm).all())
 
 
+def good_target_seeds(preset: str, seeds, **overrides) -> list[int]:
+    """The seeds among `seeds` whose trained TMS target represents every feature (`tms_target_ok`):
+    the scan that chose SEED_5_2, `python -c "import models; print(models.good_target_seeds('tms_5-2',
+    range(30)))"`."""
+    good = []
+    for seed in seeds:
+        model, cfg = build_target(preset, **{**overrides, "seed": seed})
+        train_target(model, cfg, progress=False)
+        if tms_target_ok(model):
+            good.append(seed)
+    return good
+
+
 # -----------------------------------------------------------------------------
 # G. GPT-2 (optional; HF Conv1D stores its weight as [d_in, d_out], spd.py transposes it)
 

@@ -912,8 +912,24 @@ def _runs(root: Path) -> list[tuple[Path, dict, dict]]:
 
 
 def _command(run_dir: Path, run_cfg: dict) -> str:
-    spd_cfg = run_cfg["spd"]
-    return f"python train.py --model {run_cfg['model']} --seed {spd_cfg['seed']} --steps {spd_cfg['steps']} --out {run_dir}"
+    """The train.py command that made a run: model, seed, steps, and every flag whose value differs
+    from the preset's (SPD settings, target sizes, target steps and seed)."""
+    import dataclasses
+    import json
+
+    import train
+
+    model, spd_cfg, target = run_cfg["model"], run_cfg["spd"], run_cfg["target"]
+    preset = json.loads(json.dumps(dataclasses.asdict(spd.SPDConfig(**train.PRESETS[model]))))
+    flags = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else
+             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+             for k, v in spd_cfg.items() if k not in ("seed", "steps") and preset.get(k) != v]
+    target_preset = models.TARGET_PRESETS.get(model, {})
+    for key, flag in [(k, k) for k in train.TARGET_FLAGS] + [("steps", "target_steps"), ("seed", "target_seed")]:
+        if key in target_preset and target.get(key) != target_preset[key]:
+            flags.append(f"--{flag} {target[key]}")
+    return " ".join([f"python train.py --model {model} --seed {spd_cfg['seed']} --steps {spd_cfg['steps']}",
+                     *flags, f"--out {run_dir}"])
 
 
 def tms_table(runs) -> str:

@@ -17,7 +17,7 @@ if (( QUICK )); then  # what a 2-core CPU does in a few hours
   ROOT=runs/experiments_quick; SEEDS_52="0 1"; SEEDS_4010="0"
   TMS_STEPS=20000; TMS_40_STEPS=10000
   RESID_ARGS="--steps 10000"; RESID3_ARGS="--steps 10000 --C 200 --d_gate 32"
-  IH_ARGS="--steps 3000 --batch_size 256"; IH_TARGET="--target_steps 3000"
+  IH_ARGS="--steps 3000 --batch_size 64"; IH_TARGET="--target_steps 3000"
   SUFFIX=_quick
 else
   ROOT=runs/experiments; SEEDS_52="0 1 2 3 4"; SEEDS_4010="0 1 2 3 4"

@@ -420,6 +420,26 @@ def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch):
     assert resumed["final_losses"] == whole["final_losses"]
 
 
+def test_report_command_reproduces_the_runs_config():
+    """The command results/*.md prints for a run, fed back to train.py's parser, gives its config."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import analysis
+    import spd
+    import train
+
+    cfg = spd.SPDConfig(**{**train.PRESETS["induction"], "batch_size": 64, "last_token_only": False, "seed": 3,
+                           "targets": ["blocks.0.attn.q_proj", "blocks.1.attn.k_proj"], "importance_minimality": 0.5})
+    _, target = models.build_target("induction", steps=3000)
+    run_cfg = json.loads(json.dumps({"model": "induction", "spd": dataclasses.asdict(cfg), "target": target}))
+    cmd = analysis._command(Path("runs/x"), run_cfg)
+    args = train.parse_args(cmd.split()[2:])
+    assert train.spd_config(args) == cfg
+    assert (args.target_steps, args.target_seed, args.out) == (3000, None, "runs/x")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--model", "tms_9-9"], "unknown --model 'tms_9-9'"),
     (["--model", "tms_5-2", "--steps", "-5"], "--steps must be positive, got -5"),

@@ -89,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def spd_config(args: argparse.Namespace) -> spd.SPDConfig:
+    """The preset's SPD settings with every flag given on the command line applied."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(spd.SPDConfig) if getattr(args, f.name) is not None}
+    return spd.SPDConfig(**{**PRESETS[args.model], **flags})
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -212,8 +218,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.model not in PRESETS:
         raise SystemExit(f"unknown --model {args.model!r}; choose one of: {', '.join(PRESETS)}")
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(spd.SPDConfig) if getattr(args, f.name) is not None}
-    cfg = spd.SPDConfig(**{**PRESETS[args.model], **flags})
+    cfg = spd_config(args)
     try:
         cfg.validate()
     except ValueError as e:

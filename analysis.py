@@ -344,12 +344,14 @@ def attention_kl(dec: spd.Decomposition, tokens: torch.Tensor, ci: dict[str, tor
 @torch.no_grad()
 def table1c_losses(dec: spd.Decomposition, tokens: torch.Tensor, ci: dict[str, torch.Tensor]) -> dict[str, float]:
     """Table 1c: L_faithful (eq. 2), L_recon and L_recon_layerwise (CI-masked, D = KL at the last
-    position), with spd.py's own loss functions."""
+    position), with spd.py's own loss functions; also each matrix's term of L_recon_layerwise
+    ("recon_layerwise:NAME": D with only that matrix masked by g), which shows which one fails alone."""
     D = spd.make_divergence("kl", last_token_only=True)
     target_out = dec.target(tokens)  # [B, S, vocab]
     return {"faithfulness": float(spd.faithfulness_loss(dec.target_weights(), dec.component_weights())),
             "recon": float(spd.recon_loss(dec, tokens, target_out, ci, D)),
-            "recon_layerwise": float(spd.recon_layerwise_loss(dec, tokens, target_out, ci, D))}
+            "recon_layerwise": float(spd.recon_layerwise_loss(dec, tokens, target_out, ci, D)),
+            **{f"recon_layerwise:{n}": float(spd.recon_loss(dec, tokens, target_out, {n: ci[n]}, D)) for n in dec.names}}
 
 
 # --- Appendix Algorithm 2: greedy rank-1 SVD pruning ------------------------------------------------
@@ -586,6 +588,9 @@ def results_table1_markdown(metrics: dict, key: str = "table1_t0") -> str:
             ("D_KL Attn (Mean)", "attn_kl_mean")]
     for label, k in rows:
         lines.append(f"| {label} | {metrics['table1c'][k]:.3g} | {PAPER_TABLE1C[k]:.3g} |")
+    per = [f"{paper_label(k.split(':', 1)[1])} {v:.3g}" for k, v in metrics["table1c"].items() if k.startswith("recon_layerwise:")]
+    if per:
+        lines += ["", "L_recon_layerwise per matrix (only that matrix masked by g): " + ", ".join(per)]
     return "\n".join(lines) + "\n"
 
 
@@ -928,6 +933,8 @@ def _command(run_dir: Path, run_cfg: dict) -> str:
     for key, flag in [(k, k) for k in train.TARGET_FLAGS] + [("steps", "target_steps"), ("seed", "target_seed")]:
         if key in target_preset and target.get(key) != target_preset[key]:
             flags.append(f"--{flag} {target[key]}")
+    if "pretrained" in target:  # gpt2
+        flags.append(f"--pretrained {target['pretrained']}")
     return " ".join([f"python train.py --model {model} --seed {spd_cfg['seed']} --steps {spd_cfg['steps']}",
                      *flags, f"--out {run_dir}"])
 

@@ -667,6 +667,9 @@ def test_attention_kl_and_losses_vanish_for_exact_decomposition():
     kl = analysis.attention_kl(dec, tokens, half)
     assert kl["layer0"] > 1e-4 and kl["layer1"] > 1e-4
     assert kl["mean"] == pytest.approx((kl["layer0"] + kl["layer1"]) / 2)
+    losses = analysis.table1c_losses(dec, tokens, half)
+    per_matrix = [losses[f"recon_layerwise:{n}"] for n in dec.names]
+    assert min(per_matrix) > 0 and losses["recon_layerwise"] == pytest.approx(sum(per_matrix) / len(per_matrix))
     # independent: the masked pattern of layer 0 from the target's own attention with masked weights
     with torch.no_grad():
         _, A_t = model(tokens, return_attn=True)

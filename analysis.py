@@ -941,8 +941,8 @@ def _command(run_dir: Path, run_cfg: dict) -> str:
 
 def tms_table(runs) -> str:
     """SPD paper Table 1: MMCS and ML2R of linear1, mean ± std over decomposition seeds."""
-    lines = ["| Model | MMCS (ours) | ML2R (ours) | seeds | steps | MMCS (paper) | ML2R (paper) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| Model | MMCS (ours) | ML2R (ours) | seeds | steps | MMCS (paper) | ML2R (paper) | identity subcomponents per seed (expected) |",
+             "|---|---|---|---|---|---|---|---|"]
     commands = []
     for model in PAPER_TMS:
         rows = [(d, c, m) for d, c, m in runs if c["model"] == model]
@@ -952,8 +952,10 @@ def tms_table(runs) -> str:
         ml = torch.tensor([m["ml2r"] for _, _, m in rows])
         sd = lambda t: t.std().item() if len(t) > 1 else 0.0  # noqa: E731
         steps = sorted({c["spd"]["steps"] for _, c, _ in rows})
+        counts = [m.get("hidden_layers.0/n_large_subcomponents") for _, _, m in rows]
+        identity = f"{', '.join(map(str, counts))} ({rows[0][1]['target']['n_hidden']})" if model.endswith("-id") else "–"
         lines.append(f"| {model} | {mm.mean():.3f} ± {sd(mm):.3f} | {ml.mean():.3f} ± {sd(ml):.3f} | {len(rows)} | "
-                     f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} |")
+                     f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} | {identity} |")
         commands += [_command(d, c) for d, c, _ in rows]
     lines += ["", "± is the standard deviation over decomposition seeds (the paper does not say over what).",
               "Per-seed values are in each run's metrics.json. Commands:", "", "```"] + commands + ["```"]

@@ -976,6 +976,30 @@ def test_table1_markdown_layout():
     assert "| D_KL Attn (Layer 1) | 0.5 | 0.385 |" in md
 
 
+def test_report_tms_table_mean_std_and_identity_count(tmp_path):
+    import dataclasses
+    import json
+
+    import train
+
+    def fake_run(name, model, seed, metrics):
+        (tmp_path / name).mkdir()
+        spd_cfg = dataclasses.asdict(spd.SPDConfig(**{**train.PRESETS[model], "seed": seed}))
+        config = {"model": model, "spd": spd_cfg, "target": models.TARGET_PRESETS[model]}
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": config}))
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+
+    fake_run("a", "tms_5-2", 0, {"mmcs": 1.0, "ml2r": 0.99})
+    fake_run("b", "tms_5-2", 1, {"mmcs": 0.98, "ml2r": 1.01})
+    fake_run("c", "tms_5-2-id", 0, {"mmcs": 1.0, "ml2r": 1.0, "hidden_layers.0/n_large_subcomponents": 2})
+    analysis.report(tmp_path, tmp_path / "out")
+    md = (tmp_path / "out" / "tms_table1.md").read_text()
+    # mean and sample std by hand: MMCS 0.99 ± 0.0141, ML2R 1.00 ± 0.0141
+    assert "| tms_5-2 | 0.990 ± 0.014 | 1.000 ± 0.014 | 2 | 40000 | 1.000 ± 0.000 | 0.993 ± 0.002 | – |" in md
+    assert "| tms_5-2-id | 1.000 ± 0.000 | 1.000 ± 0.000 | 1 | 40000 |" in md and "| 2 (2) |" in md
+    assert f"python train.py --model tms_5-2 --seed 1 --steps 40000 --out {tmp_path / 'b'}" in md
+
+
 # ================================================================================================
 # Ground-truth recovery (the SPD paper's Table 1 on CPU; paper-scale runs are marked slow)
 # ================================================================================================

@@ -670,6 +670,9 @@ def test_attention_kl_and_losses_vanish_for_exact_decomposition():
     losses = analysis.table1c_losses(dec, tokens, half)
     per_matrix = [losses[f"recon_layerwise:{n}"] for n in dec.names]
     assert min(per_matrix) > 0 and losses["recon_layerwise"] == pytest.approx(sum(per_matrix) / len(per_matrix))
+    D = spd.make_divergence("kl", last_token_only=True)
+    with torch.no_grad():  # the mean is spd.recon_layerwise_loss itself
+        assert losses["recon_layerwise"] == pytest.approx(float(spd.recon_layerwise_loss(dec, tokens, model(tokens), half, D)))
     # independent: the masked pattern of layer 0 from the target's own attention with masked weights
     with torch.no_grad():
         _, A_t = model(tokens, return_attn=True)

@@ -87,14 +87,13 @@ def subcomponent_norms(dec: spd.Decomposition, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_tms(dec: spd.Decomposition, out_dir: Path, norm_threshold: float = 0.1) -> dict:
-    """MMCS and ML2R of linear1's W (columns = feature embeddings), as the paper's Table 1; for
-    the -id models, how many subcomponents of the identity have norm > norm_threshold (the
-    paper's Figure 3 expects n_hidden)."""
+    """MMCS and ML2R of linear1's W (columns = feature embeddings), as the paper's Table 1, and how
+    many subcomponents have norm > norm_threshold: of W (expected n_features, one per feature) and,
+    for the -id models, of the identity (the paper's Figure 3 expects n_hidden)."""
     U, V = dec.UV("linear1")
     mmcs, ml2r = spd.mmcs_ml2r(dec.target_weights()["linear1"], U, V)
     out = {"mmcs": mmcs, "ml2r": ml2r}
-    hidden = [n for n in dec.names if n.startswith("hidden_layers")]
-    for name in hidden:
+    for name in ["linear1", *(n for n in dec.names if n.startswith("hidden_layers"))]:
         norms = subcomponent_norms(dec, name)
         out[f"{name}/n_large_subcomponents"] = int((norms > norm_threshold).sum())
         out[f"{name}/top_norms"] = sorted(norms.tolist(), reverse=True)[:6]
@@ -943,8 +942,8 @@ def _command(run_dir: Path, run_cfg: dict) -> str:
 
 def tms_table(runs) -> str:
     """SPD paper Table 1: MMCS and ML2R of linear1, mean ± std over decomposition seeds."""
-    lines = ["| Model | MMCS (ours) | ML2R (ours) | seeds | steps | MMCS (paper) | ML2R (paper) | identity subcomponents per seed (expected) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| Model | MMCS (ours) | ML2R (ours) | seeds | steps | MMCS (paper) | ML2R (paper) | W subcomponents per "
+             "seed (expected) | identity subcomponents per seed (expected) |", "|---|---|---|---|---|---|---|---|---|"]
     commands = []
     for model in PAPER_TMS:
         rows = [(d, c, m) for d, c, m in runs if c["model"] == model]
@@ -954,12 +953,16 @@ def tms_table(runs) -> str:
         ml = torch.tensor([m["ml2r"] for _, _, m in rows])
         sd = lambda t: t.std().item() if len(t) > 1 else 0.0  # noqa: E731
         steps = sorted({c["spd"]["steps"] for _, c, _ in rows})
-        counts = [m.get("hidden_layers.0/n_large_subcomponents") for _, _, m in rows]
-        identity = f"{', '.join(map(str, counts))} ({rows[0][1]['target']['n_hidden']})" if model.endswith("-id") else "–"
+        per_seed = lambda key, n: f"{', '.join(str(m.get(key, '?')) for _, _, m in rows)} ({n})"  # noqa: E731
+        target = rows[0][1]["target"]
+        W = per_seed("linear1/n_large_subcomponents", target["n_features"])
+        identity = per_seed("hidden_layers.0/n_large_subcomponents", target["n_hidden"]) if model.endswith("-id") else "–"
         lines.append(f"| {model} | {mm.mean():.3f} ± {sd(mm):.3f} | {ml.mean():.3f} ± {sd(ml):.3f} | {len(rows)} | "
-                     f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} | {identity} |")
+                     f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} | {W} | {identity} |")
         commands += [_command(d, c) for d, c, _ in rows]
-    lines += ["", "± is the standard deviation over decomposition seeds (the paper does not say over what).",
+    lines += ["", "± is the standard deviation over decomposition seeds (the paper does not say over what). "
+              "W subcomponents: how many of linear1's have norm > 0.1; fewer than the features means SPD "
+              "merged two features into one subcomponent in that seed.",
               "Per-seed values are in each run's metrics.json. Commands:", "", "```"] + commands + ["```"]
     return "\n".join(lines) + "\n"
 

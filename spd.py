@@ -87,6 +87,7 @@ class SPDConfig:
     lr_warmup_pct: float = 0.0
     weight_decay: float = 0.0  # AdamW; 0 is the paper's Adam
     init: str = "projection"  # projection (authors' code) | normal
+    tied_updates: str = "shared"  # tied matrices (TMS): shared = one update per step | separate = one per use
     seed: int = 0
 
     def validate(self) -> None:
@@ -101,7 +102,8 @@ class SPDConfig:
         if self.p <= 0 or (self.p_final is not None and self.p_final <= 0):
             raise ValueError(f"--p and --p_final must be > 0, got {self.p} and {self.p_final}")
         choices = {"ci_fn": CI_FNS, "output_loss": ("mse", "kl"), "init": ("projection", "normal"),
-                   "lr_schedule": ("constant", "cosine", "linear"), "partial_routing": ("pass", "position")}
+                   "lr_schedule": ("constant", "cosine", "linear"), "partial_routing": ("pass", "position"),
+                   "tied_updates": TIED_UPDATES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
@@ -343,22 +345,31 @@ def _key(name: str) -> str:  # nn.ModuleDict keys may not contain "."
     return name.replace(".", "/")
 
 
+TIED_UPDATES = ("shared", "separate")
+
+
 class Decomposition(nn.Module):
     """A frozen target model plus the subcomponents and CI functions of its chosen matrices.
 
     Matrices are chosen by dotted module path (fnmatch globs) among nn.Linear and HF Conv1D
     modules. A target may declare `tied_weights = {"linear2": "linear1"}` (TMS): linear2's weight is
     linear1's transposed, so one (U, V) serves both uses, with a separate CI function per use.
+    tied_updates="shared": autograd sums the two uses' gradients and the optimizer makes one update
+    per step. "separate": the partner reads U, V through its own Parameters that alias linear1's
+    storage, so each use's gradient gets its own Adam update (two per step), as the authors' code did.
     Masked forward passes swap a module's `forward` for the subcomponent forward for the duration
     of one call; the other modules run the target's own weights.
     """
 
     def __init__(self, target: nn.Module, targets: list[str], C: int | dict[str, int] = 20,
                  ci_fn: str = "scalar", d_gate: int = 16, init: str = "projection",
-                 max_seq_len: int | None = None, tied: dict[str, str] | None = None):
+                 max_seq_len: int | None = None, tied: dict[str, str] | None = None,
+                 tied_updates: str = "shared"):
         super().__init__()
         if ci_fn not in CI_FNS:
             raise ValueError(f"unknown ci_fn {ci_fn!r}; choose one of {CI_FNS}")
+        if tied_updates not in TIED_UPDATES:
+            raise ValueError(f"unknown tied_updates {tied_updates!r}; choose one of {TIED_UPDATES}")
         self.target = target.requires_grad_(False).eval()
         self.names = _resolve(target, targets)
         self.tied = {s: t for s, t in (getattr(target, "tied_weights", {}) if tied is None else tied).items()
@@ -388,6 +399,10 @@ class Decomposition(nn.Module):
                 if max_seq_len is None:
                     raise ValueError("the attention CI function needs max_seq_len")
                 self.ci_fns[_key(name)] = AttentionCI(d_in, C_l, d_gate, max_seq_len)
+        # "separate" tied updates: (U, V) leaves per tied use, pointed at the partner's storage by UV
+        # (plain dict: not in state_dict, so checkpoints are the same in both modes)
+        self._aliases = {s: (nn.Parameter(torch.empty(0)), nn.Parameter(torch.empty(0)))
+                         for s in self.tied} if tied_updates == "separate" else {}
 
     def module(self, name: str) -> nn.Module:
         return self.target.get_submodule(name)
@@ -396,7 +411,12 @@ class Decomposition(nn.Module):
         """(U [d_out, C], V [C, d_in]) of one matrix; a tied matrix uses its partner's, transposed."""
         if name in self.tied:
             comp = self.components[_key(self.tied[name])]
-            return comp.V.T, comp.U.T
+            if name not in self._aliases:
+                return comp.V.T, comp.U.T
+            U, V = self._aliases[name]
+            if U.data_ptr() != comp.V.data_ptr() or V.data_ptr() != comp.U.data_ptr():  # first use, or after .to()
+                U.data, V.data = comp.V.data.T, comp.U.data.T  # views: an update of U is one of comp.V
+            return U, V
         comp = self.components[_key(name)]
         return comp.U, comp.V
 
@@ -407,7 +427,8 @@ class Decomposition(nn.Module):
         return {n: U @ V for n, (U, V) in ((n, self.UV(n)) for n in self.names)}
 
     def parameters_to_train(self) -> list[nn.Parameter]:
-        return [*self.components.parameters(), *self.ci_fns.parameters()]
+        aliases = [p for s in self._aliases for p in self.UV(s)]
+        return [*self.components.parameters(), *aliases, *self.ci_fns.parameters()]
 
     # --- Algorithm 1, step 2: target outputs and pre-weight activations a^l
     @torch.no_grad()
@@ -718,7 +739,8 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     from tqdm import tqdm
 
     params = dec.parameters_to_train()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # aliased parameters (tied_updates="separate") are updated one after the other, not in one fused kernel
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False if dec._aliases else None)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     losses = {}

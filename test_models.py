@@ -385,7 +385,8 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "200")  # cached target
 
 
-def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tied_updates", ["shared", "separate"])
+def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, tied_updates):
     import json
 
     import spd
@@ -394,7 +395,7 @@ def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch):
     def cli(out, *extra):
         return train.main(["--model", "tms_5-2", "--steps", "20", "--batch_size", "64", "--target_steps", "200",
                            "--save_every", "10", "--log_every", "5", "--target_dir", str(tmp_path / "targets"),
-                           "--no_progress", "--out", str(tmp_path / out), *extra])
+                           "--tied_updates", tied_updates, "--no_progress", "--out", str(tmp_path / out), *extra])
 
     whole = cli("whole")
     real, calls = spd.spd_losses, []
@@ -409,7 +410,11 @@ def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cli("killed")
     monkeypatch.setattr(spd, "spd_losses", real)
-    assert json.loads((tmp_path / "killed" / "config.json").read_text())["step"] == 10  # what it saved
+    saved = json.loads((tmp_path / "killed" / "config.json").read_text())
+    assert saved["step"] == 10  # what it saved
+    if tied_updates == "shared":  # a run saved before the flag existed resumes with its default
+        del saved["config"]["spd"]["tied_updates"]
+        (tmp_path / "killed" / "config.json").write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match=r"other settings .*differing flags: \['C'\]"):
         cli("killed", "--resume", "--C", "10")
     with pytest.raises(SystemExit, match="no checkpoint to resume"):

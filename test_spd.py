@@ -280,6 +280,38 @@ def test_tied_weights_share_one_set_of_subcomponents():
     assert dec.components["enc"].V.grad is not None
 
 
+@pytest.mark.parametrize("mode", spd.TIED_UPDATES)
+def test_tied_updates_one_adam_step_against_untied_gradients(mode):
+    """One optimize step moves the tied U, V by Adam's first step lr g / (|g| + eps), applied to the
+    sum of both uses' gradients ("shared") or to each use's gradient and added ("separate", the
+    authors' code). The per-use gradients come from an untied copy with independent leaves."""
+    torch.manual_seed(0)
+    model, x = Tied(), torch.rand(32, 5)
+    cfg = spd.SPDConfig(targets=["enc", "dec"], C=4, steps=1, batch_size=32, lr=1e-2, lr_schedule="constant")
+    dec = spd.Decomposition(model, cfg.targets, C=4, tied_updates=mode)
+    ref = spd.Decomposition(model, cfg.targets, C=4, tied={})
+    ref.load_state_dict(dec.state_dict(), strict=False)  # enc's U, V and both CI functions
+    enc, untied = ref.components["enc"], ref.components["dec"]
+    with torch.no_grad():
+        untied.U.copy_(enc.V.T)
+        untied.V.copy_(enc.U.T)
+    torch.manual_seed(1)
+    total = spd.spd_losses(ref, x, cfg, cfg.p)["total"]
+    gU1, gV1, gU2, gV2 = torch.autograd.grad(total, [enc.U, enc.V, untied.U, untied.V])
+    adam = lambda g: cfg.lr * g / (g.abs() + 1e-8)  # noqa: E731  (bias-corrected first step)
+    if mode == "shared":
+        dU, dV = adam(gU1 + gV2.T), adam(gV1 + gU2.T)
+    else:
+        dU, dV = adam(gU1) + adam(gV2.T), adam(gV1) + adam(gU2.T)
+    expected = enc.U.detach() - dU, enc.V.detach() - dV
+    torch.manual_seed(1)
+    spd.optimize(dec, lambda b: x, cfg, progress=False)
+    comp = dec.components["enc"]
+    assert torch.allclose(comp.U, expected[0], atol=1e-6) and torch.allclose(comp.V, expected[1], atol=1e-6)
+    assert torch.equal(dec.UV("dec")[0], comp.V.T) and torch.equal(dec.UV("dec")[1], comp.U.T)
+    assert list(dec.state_dict()) == [k for k in dec.state_dict() if "components.dec" not in k]
+
+
 def test_sharing_inner_reuses_h_without_changing_losses_or_gradients():
     dec = decomposition(tiny_mlp())
     x = torch.randn(16, 4)
@@ -992,14 +1024,14 @@ def test_report_tms_table_mean_std_and_identity_count(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps({"config": config}))
         (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
 
-    fake_run("a", "tms_5-2", 0, {"mmcs": 1.0, "ml2r": 0.99})
-    fake_run("b", "tms_5-2", 1, {"mmcs": 0.98, "ml2r": 1.01})
+    fake_run("a", "tms_5-2", 0, {"mmcs": 1.0, "ml2r": 0.99, "linear1/n_large_subcomponents": 5})
+    fake_run("b", "tms_5-2", 1, {"mmcs": 0.98, "ml2r": 1.01, "linear1/n_large_subcomponents": 4})
     fake_run("c", "tms_5-2-id", 0, {"mmcs": 1.0, "ml2r": 1.0, "hidden_layers.0/n_large_subcomponents": 2})
     analysis.report(tmp_path, tmp_path / "out")
     md = (tmp_path / "out" / "tms_table1.md").read_text()
     # mean and sample std by hand: MMCS 0.99 ± 0.0141, ML2R 1.00 ± 0.0141
-    assert "| tms_5-2 | 0.990 ± 0.014 | 1.000 ± 0.014 | 2 | 40000 | 1.000 ± 0.000 | 0.993 ± 0.002 | – |" in md
-    assert "| tms_5-2-id | 1.000 ± 0.000 | 1.000 ± 0.000 | 1 | 40000 |" in md and "| 2 (2) |" in md
+    assert "| tms_5-2 | 0.990 ± 0.014 | 1.000 ± 0.014 | 2 | 40000 | 1.000 ± 0.000 | 0.993 ± 0.002 | 5, 4 (5) | – |" in md
+    assert "| tms_5-2-id | 1.000 ± 0.000 | 1.000 ± 0.000 | 1 | 40000 |" in md and "| ? (5) | 2 (2) |" in md
     assert f"python train.py --model tms_5-2 --seed 1 --steps 40000 --out {tmp_path / 'b'}" in md
 
 
@@ -1034,6 +1066,7 @@ def test_tms_5_2_recovers_its_five_features():
     assert models.tms_target_ok(target)
     mmcs, ml2r = tms_recovery(dec)
     assert mmcs >= 0.99 and 0.95 <= ml2r <= 1.05, (mmcs, ml2r)
+    assert (analysis.subcomponent_norms(dec, "linear1") > 0.1).sum() == 5  # one per feature
 
 
 @pytest.mark.slow
@@ -1042,6 +1075,7 @@ def test_tms_paper_settings_recover_ground_truth(name):
     target, dec = decompose_preset(name)
     mmcs, ml2r = tms_recovery(dec)
     assert mmcs >= 0.99 and 0.95 <= ml2r <= 1.05, (mmcs, ml2r)
+    assert (analysis.subcomponent_norms(dec, "linear1") > 0.1).sum() == target.linear1.in_features
     if name.endswith("-id"):  # the identity splits into exactly n_hidden large subcomponents (Figure 3)
         assert (analysis.subcomponent_norms(dec, "hidden_layers.0") > 0.1).sum() == target.linear1.out_features
 
@@ -1077,5 +1111,6 @@ def test_tms_5_2_id_recovers_features_and_the_identity():
     target, dec = decompose_preset("tms_5-2-id", steps=20_000, batch_size=1024)
     mmcs, ml2r = tms_recovery(dec)
     assert mmcs >= 0.99 and 0.95 <= ml2r <= 1.05, (mmcs, ml2r)
+    assert (analysis.subcomponent_norms(dec, "linear1") > 0.1).sum() == 5
     norms = analysis.subcomponent_norms(dec, "hidden_layers.0")
     assert (norms > 0.1).sum() == 2, norms

@@ -160,8 +160,9 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
         saved = json.loads((out / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--resume: cannot read {out / 'config.json'} ({e}); start afresh with another --out")
-    if saved.get("model") != run_config["model"] or saved.get("spd") != run_config["spd"]:
-        diff = sorted(k for k in run_config["spd"] if saved.get("spd", {}).get(k) != run_config["spd"][k])
+    saved_spd = {**dataclasses.asdict(spd.SPDConfig()), **saved.get("spd", {})}  # a field newer than the run: its default
+    if saved.get("model") != run_config["model"] or saved_spd != run_config["spd"]:
+        diff = sorted(k for k in run_config["spd"] if saved_spd.get(k) != run_config["spd"][k])
         raise SystemExit(f"--resume: the run in {out} was made with other settings (model {saved.get('model')}; "
                          f"differing flags: {diff}); use the same flags or another --out")
     try:
@@ -241,7 +242,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.seed)
     try:
         dec = spd.Decomposition(target, cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate, init=cfg.init,
-                                max_seq_len=tcfg.get("seq_len")).to(device)
+                                max_seq_len=tcfg.get("seq_len"), tied_updates=cfg.tied_updates).to(device)
     except ValueError as e:
         raise SystemExit(str(e))
     sample = (lambda b, g=None: prompts) if args.model == "gpt2" else models.batch_fn(tcfg, device)
@@ -261,6 +262,10 @@ def main(argv=None) -> dict:
         metrics.update(analysis.evaluate_induction(dec, target, cfg, out))
     elif tcfg["family"] == "gpt2":
         metrics.update(analysis.evaluate_gpt2(dec, target, tokenizer, out, sentences=tcfg["sentences"]))
+    if tcfg["family"] == "tms" and metrics["linear1/n_large_subcomponents"] < tcfg["n_features"]:
+        print(f"WARNING: W has {metrics['linear1/n_large_subcomponents']} large subcomponents for "
+              f"{tcfg['n_features']} features: SPD merged features into one subcomponent, a local minimum "
+              f"some seeds end in (README, Results). Try another --seed.")
     analysis.plot_ci_histograms(dec, spd.split_batch(eval_batch)[0],
                                 out / "ci_histograms.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1053,9 +1053,12 @@ def decompose_preset(name, **overrides):
     return target, dec
 
 
-def tms_recovery(dec):
-    U, V = dec.UV("linear1")
-    return spd.mmcs_ml2r(dec.target_weights()["linear1"], U, V)
+def assert_tms_recovered(dec):
+    """Table 1's thresholds on W, and exactly one large subcomponent of W per feature."""
+    W = dec.target_weights()["linear1"]
+    mmcs, ml2r = spd.mmcs_ml2r(W, *dec.UV("linear1"))
+    assert mmcs >= 0.99 and 0.95 <= ml2r <= 1.05, (mmcs, ml2r)
+    assert (analysis.subcomponent_norms(dec, "linear1") > 0.1).sum() == W.shape[1]
 
 
 def test_tms_5_2_recovers_its_five_features():
@@ -1064,18 +1067,14 @@ def test_tms_5_2_recovers_its_five_features():
     0.996 and 0.995)."""
     target, dec = decompose_preset("tms_5-2", steps=20_000, batch_size=1024)
     assert models.tms_target_ok(target)
-    mmcs, ml2r = tms_recovery(dec)
-    assert mmcs >= 0.99 and 0.95 <= ml2r <= 1.05, (mmcs, ml2r)
-    assert (analysis.subcomponent_norms(dec, "linear1") > 0.1).sum() == 5  # one per feature
+    assert_tms_recovered(dec)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id"])
 def test_tms_paper_settings_recover_ground_truth(name):
     target, dec = decompose_preset(name)
-    mmcs, ml2r = tms_recovery(dec)
-    assert mmcs >= 0.99 and 0.95 <= ml2r <= 1.05, (mmcs, ml2r)
-    assert (analysis.subcomponent_norms(dec, "linear1") > 0.1).sum() == target.linear1.in_features
+    assert_tms_recovered(dec)
     if name.endswith("-id"):  # the identity splits into exactly n_hidden large subcomponents (Figure 3)
         assert (analysis.subcomponent_norms(dec, "hidden_layers.0") > 0.1).sum() == target.linear1.out_features
 
@@ -1109,8 +1108,6 @@ def test_tms_5_2_id_recovers_features_and_the_identity():
     n_hidden = 2 subcomponents), at half the steps and a quarter of the batch (measured: MMCS
     1.0000, ML2R 1.001, 2 large identity subcomponents)."""
     target, dec = decompose_preset("tms_5-2-id", steps=20_000, batch_size=1024)
-    mmcs, ml2r = tms_recovery(dec)
-    assert mmcs >= 0.99 and 0.95 <= ml2r <= 1.05, (mmcs, ml2r)
-    assert (analysis.subcomponent_norms(dec, "linear1") > 0.1).sum() == 5
+    assert_tms_recovered(dec)
     norms = analysis.subcomponent_norms(dec, "hidden_layers.0")
     assert (norms > 0.1).sum() == 2, norms

@@ -63,7 +63,7 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
     dec, cfg, sample = build(preset, ci_fn, seq_len, device, batch)
     losses_fn = torch.compile(spd.spd_losses) if compile else spd.spd_losses
     warmup = 10 if compile else 2  # torch.compile recompiles over the first steps
-    opt = torch.optim.AdamW(dec.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = spd.make_optimizer(dec, cfg)
     times = []
     if profile:  # the timed steps, under torch.profiler: top ops and how many ran per step
         from torch.profiler import profile as torch_profile

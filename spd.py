@@ -255,6 +255,8 @@ class ScalarCI(nn.Module):
             return self.gamma(flat).reshape(h.shape)
         rows = nonzero.reshape(-1).nonzero()[:, 0]
         zero = ((F.gelu(self.b_in) * self.w_out).sum(-1) + self.b_out).expand_as(flat)  # γ(0)   [N, C]
+        if len(rows) == 0:
+            return zero.reshape(h.shape)
         return zero.index_put((rows,), self.gamma(flat[rows])).reshape(h.shape)
 
     def gamma(self, h: torch.Tensor) -> torch.Tensor:  # h [N, C] -> [N, C]
@@ -451,7 +453,7 @@ class Decomposition(nn.Module):
         for name in self.names:
             a = acts[name]
             if self.ci_fn == "scalar":  # Γ on h = a V^T                          [..., C]
-                pre = self.ci_fns[_key(name)](self.inner(name, a), nonzero=a.ne(0).any(-1))
+                pre = self.ci_fns[_key(name)](self.inner(name, a), nonzero=a.any(-1))
             else:
                 pre = self.ci_fns[_key(name)](a)
             lower[name], upper[name] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
@@ -663,6 +665,19 @@ def stochastic_recon_partial_loss(dec: Decomposition, x, target_out, ci: dict, D
     return sum(D(_partial_pass(dec, x, sample_masks(ci), per_position), target_out) for _ in range(S)) / S
 
 
+def live_rows(acts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """[B] bool: the batch rows where some decomposed matrix's input is nonzero; None when that is
+    every row (or none). A dead row drops out of every reconstruction loss exactly: its first
+    decomposed matrix sees a = 0 in any pass, where ((0 V^T) * m) U^T + b = b = 0 W^T + b, so by
+    induction over the layers every pass reproduces the target's output and D is 0 there, with no
+    gradient. Assumes the target treats batch rows independently (any usual network in eval mode)."""
+    B = next(iter(acts.values())).shape[0]
+    live = torch.zeros(B, dtype=torch.bool, device=next(iter(acts.values())).device)
+    for a in acts.values():
+        live |= a.reshape(B, -1).any(-1)
+    return None if live.all() or not live.any() else live
+
+
 RECON_LOSSES = {  # name (= SPDConfig coefficient) -> loss(dec, x, target_out, ci_lower, D, cfg)
     "stochastic_recon": lambda dec, x, y, ci, D, cfg: stochastic_recon_loss(dec, x, y, ci, D, cfg.n_mask_samples),
     "stochastic_recon_layerwise": lambda dec, x, y, ci, D, cfg: stochastic_recon_layerwise_loss(
@@ -679,11 +694,22 @@ def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float, valid: torch.Ten
     """Algorithm 1, one step's losses; "total" is eq. 8 (plus the transformer paper's terms):
     L = β_f L_faithfulness + β1 L_stochastic-recon + β2 L_stochastic-recon-layerwise + β3 L_importance-minimality.
     Terms whose coefficient is 0 are not computed. valid [B, S] marks real (non-padding) positions
-    of a language-model batch: D and importance minimality then ignore the others."""
+    of a language-model batch: D and importance minimality then ignore the others. Rows in which
+    every decomposed matrix sees a = 0 (77% of TMS 5-2's, 37% of the residual MLPs') are left out of
+    the passes, exactly: see live_rows."""
     target_out, acts = dec.target_forward(x)
+    D = make_divergence(cfg.output_loss, cfg.last_token_only, valid)
+    live = live_rows(acts) if valid is None and isinstance(x, torch.Tensor) else None
+    if live is not None:  # every loss but importance minimality skips the dead rows (see live_rows)
+        B, n_live = len(live), int(live.sum())
+        dead_ci = dec.causal_importance({n: a.new_zeros(1, *a.shape[1:]) for n, a in acts.items()})[1]  # Γ(0)
+        x, target_out, acts = x[live], target_out[live], {n: a[live] for n, a in acts.items()}
+        D_live = D
+        D = lambda out, target: D_live(out, target) * (n_live / B)  # noqa: E731  still a mean over all B rows
     with dec.sharing_inner(acts):
         ci_lower, ci_upper = dec.causal_importance(acts)
-        D = make_divergence(cfg.output_loss, cfg.last_token_only, valid)
+        if live is not None:  # the dead rows' importances, Γ(0), count in the minimality loss
+            ci_upper = {n: torch.cat([g, dead_ci[n].expand(B - n_live, *g.shape[1:])]) for n, g in ci_upper.items()}
         if valid is not None:
             ci_upper = {n: g[valid] for n, g in ci_upper.items()}  # [N_valid, C]
         losses = {"faithfulness": faithfulness_loss(dec.target_weights(), dec.component_weights()),
@@ -727,20 +753,26 @@ def split_batch(batch) -> tuple[object, torch.Tensor | None]:
     return batch if isinstance(batch, tuple) else (batch, None)
 
 
+def make_optimizer(dec: Decomposition, cfg: SPDConfig) -> torch.optim.AdamW:
+    """AdamW over U, V and Γ (weight decay 0 = the paper's Adam), in one fused kernel on CPU and
+    CUDA; aliased parameters (tied_updates="separate") are updated one after the other instead."""
+    params = dec.parameters_to_train()
+    kernel = {"foreach": False} if dec._aliases else {"fused": params[0].device.type in ("cpu", "cuda")}
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
+
+
 def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple], cfg: SPDConfig,
              log: Callable[[int, dict], None] | None = None, log_every: int = 1000,
              checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None, save_every: int = 0,
              progress: bool = True, start_step: int = 0, opt_state: dict | None = None) -> dict[str, float]:
-    """Algorithm 1's training loop: AdamW (weight decay cfg.weight_decay, 0 = Adam) over U, V and Γ.
+    """Algorithm 1's training loop: AdamW (make_optimizer) over U, V and Γ.
     batch_fn(batch_size) returns inputs x, or (x, valid) with valid [B, S] marking real positions.
     Calls log(step, losses) every log_every steps and checkpoint(step, optimizer) every save_every
     steps and at the end. A resumed run passes start_step and the optimizer's saved state_dict. Raises
     FloatingPointError on a non-finite loss (what was last checkpointed is kept)."""
     from tqdm import tqdm
 
-    params = dec.parameters_to_train()
-    # aliased parameters (tied_updates="separate") are updated one after the other, not in one fused kernel
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False if dec._aliases else None)
+    opt = make_optimizer(dec, cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     losses = {}

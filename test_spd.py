@@ -334,6 +334,45 @@ def test_sharing_inner_reuses_h_without_changing_losses_or_gradients():
     assert dec._inner == {}  # the reuse ends with the step
 
 
+@pytest.mark.parametrize("kind", ["tms_5-2-id", "resid_mlp2", "biased_last"])
+def test_dead_rows_skipped_without_changing_losses_or_gradients(kind, monkeypatch):
+    """Rows whose decomposed matrices all see a = 0 skip every recon pass (spd.live_rows); each loss
+    and every gradient equals the full-batch computation's. Masks are fixed (r = 0.5) so the two
+    computations draw the same ones."""
+    if kind == "biased_last":  # no bias before the last matrix: a zero row stays dead, its output is b
+        torch.manual_seed(0)
+        target, n_in = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 3)), 4
+    else:
+        target, tcfg = models.build_target(kind, **({"d_embed": 30, "d_mlp": 8} if "resid" in kind else {}))
+        n_in = tcfg["n_features"]
+    torch.manual_seed(1)
+    dec = spd.Decomposition(target, ["*"], C=7)
+    x = torch.rand(24, n_in) * (torch.rand(24, n_in) < 0.3)
+    x[:8] = 0
+    cfg = spd.SPDConfig(C=7, recon=1.0, recon_layerwise=1.0, recon_partial=1.0, stochastic_recon_partial=1.0)
+    assert spd.live_rows(dec.target_forward(x)[1]).tolist() == x.ne(0).any(-1).tolist()
+    monkeypatch.setattr(spd, "sample_masks", lambda ci: {n: g + (1 - g) * 0.5 for n, g in ci.items()})
+
+    def losses_and_grads():
+        torch.manual_seed(3)  # the same random subsets for the partial losses
+        losses = spd.spd_losses(dec, x, cfg, p=0.7)
+        return [*losses.values(), *torch.autograd.grad(losses["total"], dec.parameters_to_train())]
+
+    skipped = losses_and_grads()
+    monkeypatch.setattr(spd, "live_rows", lambda acts: None)
+    for a, b in zip(skipped, losses_and_grads(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_live_rows_keeps_rows_a_bias_makes_nonzero():
+    _, acts = decomposition(tiny_mlp()).target_forward(torch.zeros(3, 4))  # "2" sees ReLU(b) != 0
+    assert spd.live_rows(acts) is None
+    assert spd.live_rows({"a": torch.zeros(2, 5, 3), "b": torch.zeros(2, 1)}) is None  # no row live: nothing to skip
+    acts = {"a": torch.zeros(3, 5, 3), "b": torch.tensor([[0.0], [0.0], [2.0]])}
+    acts["a"][0, 4, 1] = 1.0  # one position of a sequence is enough
+    assert spd.live_rows(acts).tolist() == [True, False, True]
+
+
 # --- G. losses -----------------------------------------------------------------------------------------
 
 def test_faithfulness_by_hand():

@@ -919,7 +919,7 @@ def _runs(root: Path) -> list[tuple[Path, dict, dict]]:
 
 def _command(run_dir: Path, run_cfg: dict) -> str:
     """The train.py command that made a run: model, seed, steps, and every flag whose value differs
-    from the preset's (SPD settings, target sizes, target steps and seed)."""
+    from the preset's (SPD settings, target sizes, target steps and seed); then the code's git commit."""
     import dataclasses
     import json
 
@@ -937,7 +937,7 @@ def _command(run_dir: Path, run_cfg: dict) -> str:
     if "pretrained" in target:  # gpt2
         flags.append(f"--pretrained {target['pretrained']}")
     return " ".join([f"python train.py --model {model} --seed {spd_cfg['seed']} --steps {spd_cfg['steps']}",
-                     *flags, f"--out {run_dir}"])
+                     *flags, f"--out {run_dir}", f"  # code {run_cfg.get('code', 'not recorded')}"])
 
 
 def tms_table(runs) -> str:

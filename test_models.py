@@ -355,6 +355,7 @@ def run_cli(tmp_path, *argv):
 
 def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     import json
+    import re
 
     import spd
     import train
@@ -367,6 +368,7 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     assert set(metrics) >= {"mmcs", "ml2r", "ci_l0", "alive_01", "final_losses"}
     saved = json.loads((run / "config.json").read_text())
     assert saved["step"] == 30 and saved["config"]["spd"]["steps"] == 30
+    assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?|unknown .*", saved["config"]["code"])  # the code's git commit
     # reload: a Decomposition built from the saved config gets the same subcomponents back
     target, _ = models.build_target("tms_5-2", steps=200)
     target.load_state_dict(torch.load(next((tmp_path / "targets").glob("*.pt")), weights_only=True))
@@ -438,8 +440,10 @@ def test_report_command_reproduces_the_runs_config():
     cfg = spd.SPDConfig(**{**train.PRESETS["induction"], "batch_size": 64, "last_token_only": False, "seed": 3,
                            "targets": ["blocks.0.attn.q_proj", "blocks.1.attn.k_proj"], "importance_minimality": 0.5})
     _, target = models.build_target("induction", steps=3000)
-    run_cfg = json.loads(json.dumps({"model": "induction", "spd": dataclasses.asdict(cfg), "target": target}))
-    cmd = analysis._command(Path("runs/x"), run_cfg)
+    run_cfg = json.loads(json.dumps({"model": "induction", "spd": dataclasses.asdict(cfg), "target": target,
+                                     "code": "abc1234+dirty"}))
+    cmd, comment = analysis._command(Path("runs/x"), run_cfg).split("  # ")
+    assert comment == "code abc1234+dirty"
     args = train.parse_args(cmd.split()[2:])
     assert train.spd_config(args) == cfg
     assert (args.target_steps, args.target_seed, args.out) == (3000, None, "runs/x")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import time
 import typing
 from pathlib import Path
@@ -215,6 +216,17 @@ def reload_finished(dec, out: Path) -> dict:
     return {k: old[k] for k in ("final_losses", "seconds", "ms_per_step")}
 
 
+def code_version() -> str:
+    """The git commit of this code ("+dirty" with uncommitted changes), recorded in each run's config."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.model not in PRESETS:
@@ -247,7 +259,7 @@ def main(argv=None) -> dict:
         raise SystemExit(str(e))
     sample = (lambda b, g=None: prompts) if args.model == "gpt2" else models.batch_fn(tcfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg}
+    run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg, "code": code_version()}
     training = reload_finished(dec, out) if args.evaluate_only else decompose(args, cfg, dec, sample, gen, run_config, out)
 
     # --- evaluation, from a fixed RNG state (its stochastic losses draw masks): --evaluate_only repeats it exactly

@@ -217,12 +217,14 @@ def reload_finished(dec, out: Path) -> dict:
 
 
 def code_version() -> str:
-    """The git commit of this code ("+dirty" with uncommitted changes), recorded in each run's config."""
+    """The git commit of this code, recorded in each run's config; "+dirty" if one of the modules a
+    run executes (spd, models, train, analysis) differs from that commit."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        dirty = git("status", "--porcelain", "--", "spd.py", "models.py", "train.py", "analysis.py")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
 

@@ -5,6 +5,7 @@ The training tests use scaled-down settings measured to finish in seconds on a 2
 """
 
 import math
+import re
 
 import pytest
 import torch
@@ -355,7 +356,6 @@ def run_cli(tmp_path, *argv):
 
 def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     import json
-    import re
 
     import spd
     import train
@@ -425,6 +425,23 @@ def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, tied_u
     a, b = (torch.load(tmp_path / d / "decomposition.pt", weights_only=True) for d in ("whole", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never killed
     assert resumed["final_losses"] == whole["final_losses"]
+
+
+def test_code_version_is_unknown_for_an_untracked_copy(tmp_path):
+    """A copy of train.py that its enclosing git repository does not track records no commit."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    import train
+
+    assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?|unknown .*", train.code_version())
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    shutil.copy(train.__file__, tmp_path / "train.py")
+    spec = importlib.util.spec_from_file_location("train_copy", tmp_path / "train.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.code_version() == "unknown (not a git checkout)"
 
 
 def test_report_command_reproduces_the_runs_config():

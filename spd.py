@@ -671,10 +671,7 @@ def live_rows(acts: dict[str, torch.Tensor]) -> torch.Tensor | None:
     decomposed matrix sees a = 0 in any pass, where ((0 V^T) * m) U^T + b = b = 0 W^T + b, so by
     induction over the layers every pass reproduces the target's output and D is 0 there, with no
     gradient. Assumes the target treats batch rows independently (any usual network in eval mode)."""
-    B = next(iter(acts.values())).shape[0]
-    live = torch.zeros(B, dtype=torch.bool, device=next(iter(acts.values())).device)
-    for a in acts.values():
-        live |= a.reshape(B, -1).any(-1)
+    live = torch.stack([a.reshape(a.shape[0], -1).any(-1) for a in acts.values()]).any(0)  # [B]
     return None if live.all() or not live.any() else live
 
 

@@ -223,12 +223,12 @@ def code_version() -> str:
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
-        if not git("ls-files", "train.py"):  # e.g. installed into a virtual environment inside another repository
-            return "unknown (not a git checkout)"
-        dirty = git("status", "--porcelain", "--", "spd.py", "models.py", "train.py", "analysis.py")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+        if git("ls-files", "train.py"):  # untracked e.g. when installed into a venv inside another repository
+            dirty = git("status", "--porcelain", "--", "spd.py", "models.py", "train.py", "analysis.py")
+            return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
+        pass
+    return "unknown (not a git checkout)"
 
 
 def main(argv=None) -> dict:

@@ -388,8 +388,9 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
 
 
 @pytest.mark.parametrize("tied_updates", ["shared", "separate"])
-def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, tied_updates):
+def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, capsys, tied_updates):
     import json
+    import shutil
 
     import spd
     import train
@@ -421,10 +422,18 @@ def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, tied_u
         cli("killed", "--resume", "--C", "10")
     with pytest.raises(SystemExit, match="no checkpoint to resume"):
         cli("fresh", "--resume")
+    shutil.copytree(tmp_path / "killed", tmp_path / "other_threads")
     resumed = cli("killed", "--resume")
     a, b = (torch.load(tmp_path / d / "decomposition.pt", weights_only=True) for d in ("whole", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never killed
     assert resumed["final_losses"] == whole["final_losses"]
+    state_file = tmp_path / "other_threads" / "train_state.pt"  # checkpointed with another thread count
+    state = torch.load(state_file, weights_only=True)
+    assert state["threads"] == torch.get_num_threads()
+    torch.save({**state, "threads": state["threads"] + 1}, state_file)
+    capsys.readouterr()
+    cli("other_threads", "--resume")
+    assert f"checkpointed with {state['threads'] + 1} CPU threads" in capsys.readouterr().out
 
 
 def test_code_version_is_unknown_for_an_untracked_copy(tmp_path):

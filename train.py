@@ -143,8 +143,10 @@ def get_target(args, device) -> tuple[torch.nn.Module, dict]:
 
 
 def train_state(opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
-    """What a checkpoint needs beyond the weights to continue exactly: Adam's moments and both RNGs."""
-    state = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()}
+    """What a checkpoint needs beyond the weights to continue exactly: Adam's moments, both RNGs, and
+    the CPU thread count (matmuls round differently with another one)."""
+    state = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state(),
+             "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
@@ -152,7 +154,9 @@ def train_state(opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
 
 def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tuple[int, dict]:
     """Loads the last checkpoint of the run in `out` into dec and the RNGs; returns (step, optimizer
-    state). On the same machine the continued run matches an uninterrupted one exactly."""
+    state). On the same machine with the same thread count the continued run matches an uninterrupted
+    one exactly; with another thread count it continues from the same state, but the rounding of the
+    matmuls differs and the trajectories drift apart (it says so)."""
     path = out / "train_state.pt"
     if not path.exists():
         raise SystemExit(f"--resume: no checkpoint to resume in {out} (train_state.pt is written every "
@@ -179,6 +183,10 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     print(f"resuming {out} at step {state['step']}")
+    if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
+        print(f"note: the run was checkpointed with {state['threads']} CPU threads and continues with "
+              f"{torch.get_num_threads()}; matmuls round differently, so it will not match an uninterrupted "
+              f"run bit for bit (set OMP_NUM_THREADS={state['threads']} for that)")
     return state["step"], state["optimizer"]
 
 

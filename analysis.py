@@ -98,21 +98,26 @@ def evaluate_tms(dec: spd.Decomposition, out_dir: Path, norm_threshold: float = 
         out[f"{name}/n_large_subcomponents"] = int((norms > norm_threshold).sum())
         out[f"{name}/top_norms"] = sorted(norms.tolist(), reverse=True)[:6]
     plot_tms(dec, out_dir / "tms_subcomponents.png")
+    if "hidden_layers.0" in dec.names:
+        n_hidden = dec.target_weights()["hidden_layers.0"].shape[0]  # expected subcomponents, and one more
+        plot_tms(dec, out_dir / "tms_identity_subcomponents.png", "hidden_layers.0", n_show=n_hidden + 1)
     return out
 
 
-def plot_tms(dec: spd.Decomposition, path: Path, n_show: int = 6) -> None:
-    """Paper Figure 1 (2-D) or 2-style heatmaps: target W, the sum of subcomponents, and the
-    largest subcomponents of linear1, ordered by norm."""
+def plot_tms(dec: spd.Decomposition, path: Path, name: str = "linear1", n_show: int = 6) -> None:
+    """Paper Figures 1 and 2 (name "linear1": the 5-2 columns as arrows, 40-10 as heatmaps) or 3
+    (name "hidden_layers.0", the identity): the target matrix, the sum of all subcomponents, and
+    the n_show largest subcomponents, ordered by norm."""
     plt = _plt()
-    W = dec.target_weights()["linear1"].cpu()
-    U, V = (t.detach().cpu() for t in dec.UV("linear1"))
-    order = subcomponent_norms(dec, "linear1").cpu().argsort(descending=True)[:n_show]
-    panels = [("target W", W), ("sum of subcomponents", U @ V)]
+    W = dec.target_weights()[name].cpu()
+    U, V = (t.detach().cpu() for t in dec.UV(name))
+    order = subcomponent_norms(dec, name).cpu().argsort(descending=True)[:n_show]
+    panels = [("target W" if name == "linear1" else "target I", W), ("sum of subcomponents", U @ V)]
     panels += [(f"subcomponent {int(c)}", U[:, c, None] * V[c][None]) for c in order]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.6))
     for ax, (title, M) in zip(axes, panels):
-        if M.shape[0] == 2:  # TMS 5-2: feature columns as arrows in the hidden plane
+        M = M.numpy()
+        if name == "linear1" and M.shape[0] == 2:  # TMS 5-2: feature columns as arrows in the hidden plane
             for j in range(M.shape[1]):
                 ax.arrow(0, 0, M[0, j], M[1, j], color=f"C{j}", width=0.02, length_includes_head=True)
             lim = max(1.2, W.abs().max().item() * 1.2)

@@ -1175,11 +1175,17 @@ def test_short_induction_decomposition_shows_the_circuit():
     assert V1["m"] >= 1 and V1["random"] < 0.3
 
 
-def test_tms_5_2_id_recovers_features_and_the_identity():
+def test_tms_5_2_id_recovers_features_and_the_identity(tmp_path):
     """SPD paper Table 1 row 3 and Figure 3 (paper: MMCS 1.000, ML2R 0.992; the identity as exactly
-    n_hidden = 2 subcomponents), at half the steps and a quarter of the batch (measured: MMCS
-    1.0000, ML2R 1.001, 2 large identity subcomponents)."""
+    n_hidden = 2 subcomponents that sum to it), at half the steps and a quarter of the batch
+    (measured: MMCS 1.0000, ML2R 1.001, 2 large identity subcomponents)."""
     target, dec = decompose_preset("tms_5-2-id", steps=20_000, batch_size=1024)
     assert_tms_recovered(dec)
     norms = analysis.subcomponent_norms(dec, "hidden_layers.0")
     assert (norms > 0.1).sum() == 2, norms
+    U, V = dec.UV("hidden_layers.0")
+    top = norms.argsort(descending=True)[:2]
+    assert torch.allclose(U[:, top] @ V[top], torch.eye(2), atol=0.05), U[:, top] @ V[top]
+    metrics = analysis.evaluate_tms(dec, tmp_path)  # the run folder's metrics and Figures 2, 3
+    assert metrics["hidden_layers.0/n_large_subcomponents"] == 2
+    assert (tmp_path / "tms_subcomponents.png").exists() and (tmp_path / "tms_identity_subcomponents.png").exists()

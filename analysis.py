@@ -97,10 +97,9 @@ def evaluate_tms(dec: spd.Decomposition, out_dir: Path, norm_threshold: float = 
         norms = subcomponent_norms(dec, name)
         out[f"{name}/n_large_subcomponents"] = int((norms > norm_threshold).sum())
         out[f"{name}/top_norms"] = sorted(norms.tolist(), reverse=True)[:6]
+        if name != "linear1":  # an identity: its n_hidden expected subcomponents and one more (Figure 3)
+            plot_tms(dec, out_dir / f"tms_{name}_subcomponents.png", name, n_show=dec.UV(name)[0].shape[0] + 1)
     plot_tms(dec, out_dir / "tms_subcomponents.png")
-    if "hidden_layers.0" in dec.names:
-        n_hidden = dec.target_weights()["hidden_layers.0"].shape[0]  # expected subcomponents, and one more
-        plot_tms(dec, out_dir / "tms_identity_subcomponents.png", "hidden_layers.0", n_show=n_hidden + 1)
     return out
 
 

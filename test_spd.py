@@ -1188,4 +1188,4 @@ def test_tms_5_2_id_recovers_features_and_the_identity(tmp_path):
     assert torch.allclose(U[:, top] @ V[top], torch.eye(2), atol=0.05), U[:, top] @ V[top]
     metrics = analysis.evaluate_tms(dec, tmp_path)  # the run folder's metrics and Figures 2, 3
     assert metrics["hidden_layers.0/n_large_subcomponents"] == 2
-    assert (tmp_path / "tms_subcomponents.png").exists() and (tmp_path / "tms_identity_subcomponents.png").exists()
+    assert (tmp_path / "tms_subcomponents.png").exists() and (tmp_path / "tms_hidden_layers.0_subcomponents.png").exists()

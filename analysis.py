@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,6 +101,7 @@ def evaluate_tms(dec: spd.Decomposition, out_dir: Path, norm_threshold: float = 
         if name != "linear1":  # an identity: its n_hidden expected subcomponents and one more (Figure 3)
             plot_tms(dec, out_dir / f"tms_{name}_subcomponents.png", name, n_show=dec.UV(name)[0].shape[0] + 1)
     plot_tms(dec, out_dir / "tms_subcomponents.png")
+    plot_tms_networks(dec, out_dir / "tms_networks.png", norm_threshold)
     return out
 
 
@@ -126,6 +128,55 @@ def plot_tms(dec: spd.Decomposition, path: Path, name: str = "linear1", n_show: 
             ax.imshow(M, cmap="RdBu", vmin=-v, vmax=v)
         ax.set_title(title, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
+    _save(fig, path)
+
+
+@torch.no_grad()
+def tms_network_panels(dec: spd.Decomposition, norm_threshold: float = 0.1, max_show: int = 8) -> list:
+    """The parametrised networks of paper Figures 1 (bottom row) and 4, as (title, {matrix: weight})
+    in forward order: the target, the sum of all subcomponents, then each subcomponent of norm >
+    norm_threshold alone (the max_show largest). A subcomponent of W sets both of its uses (W in
+    linear1, W^T in linear2); the matrices it does not belong to are zero."""
+    names = [n for n, _ in dec.target.named_modules() if n in dec.names]  # forward order
+    own = {n: dec.tied.get(n, n) for n in names}  # the matrix whose U, V each one uses
+    zeros = {n: torch.zeros_like(W) for n, W in dec.target_weights().items()}
+    singles = []
+    for src in dict.fromkeys(own.values()):
+        norms = subcomponent_norms(dec, src)
+        for c in (norms > norm_threshold).nonzero().flatten().tolist():
+            parts = {n: dec.UV(n)[0][:, c, None] * dec.UV(n)[1][c][None] if own[n] == src else zeros[n] for n in names}
+            label = "W" if src == "linear1" else f"I_{src.split('.')[-1]}" if src.startswith("hidden_layers") else src
+            singles.append((norms[c].item(), f"{label} subcomponent {c}", parts))
+    singles = sorted(singles, key=lambda s: -s[0])[:max_show]
+    target, summed = dec.target_weights(), dec.component_weights()
+    return [("target", {n: target[n] for n in names}), ("sum of subcomponents", {n: summed[n] for n in names}),
+            *((title, parts) for _, title, parts in singles)]
+
+
+def plot_tms_networks(dec: spd.Decomposition, path: Path, norm_threshold: float = 0.1, max_show: int = 8) -> None:
+    """Paper Figures 1 (bottom row) and 4: each panel of tms_network_panels drawn as a network, inputs
+    on the left, outputs on the right; line width ~ |weight| (scaled to the target's largest),
+    red positive, blue negative."""
+    from matplotlib.collections import LineCollection
+
+    plt = _plt()
+    panels = tms_network_panels(dec, norm_threshold, max_show)
+    vmax = max(W.abs().max().item() for W in panels[0][1].values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.0 * len(panels), 2.8), squeeze=False)
+    for ax, (title, weights) in zip(axes[0], panels):
+        Ws = [W.cpu().numpy() for W in weights.values()]
+        sizes = [Ws[0].shape[1], *(W.shape[0] for W in Ws)]
+        ys = [(np.arange(k) - (k - 1) / 2) / max(sizes) for k in sizes]  # node heights per column
+        for layer, W in enumerate(Ws):
+            j, i = np.nonzero(np.abs(W) > 0.02 * vmax)  # edges input i -> output j
+            segs = [[(layer, ys[layer][a]), (layer + 1, ys[layer + 1][b])] for b, a in zip(j, i)]
+            w = W[j, i] / vmax
+            ax.add_collection(LineCollection(segs, linewidths=3 * np.abs(w), colors=np.where(w > 0, "tab:red", "tab:blue")))
+        for layer, y in enumerate(ys):
+            ax.scatter(np.full(len(y), layer), y, s=12, c="k", zorder=3)
+        ax.set_xlim(-0.3, len(Ws) + 0.3), ax.set_ylim(-0.6, 0.6)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
     _save(fig, path)
 
 

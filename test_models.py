@@ -363,7 +363,8 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     metrics = run_cli(tmp_path, "--model", "tms_5-2", "--steps", "30", "--batch_size", "64", "--target_steps", "200",
                       "--save_every", "10")
     run = tmp_path / "run"
-    for f in ("decomposition.pt", "config.json", "metrics.json", "losses.jsonl", "tms_subcomponents.png", "ci_histograms.png"):
+    for f in ("decomposition.pt", "config.json", "metrics.json", "losses.jsonl", "tms_subcomponents.png",
+              "tms_networks.png", "ci_histograms.png"):
         assert (run / f).exists(), f
     assert set(metrics) >= {"mmcs", "ml2r", "ci_l0", "alive_01", "final_losses"}
     saved = json.loads((run / "config.json").read_text())

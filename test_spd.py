@@ -1083,6 +1083,40 @@ def test_table1_markdown_layout():
     assert "| D_KL Attn (Layer 1) | 0.5 | 0.385 |" in md
 
 
+def test_tms_network_panels_split_the_network_by_subcomponent(tmp_path):
+    """Paper Figures 1 (bottom) and 4: target, sum, then each large subcomponent alone, largest first;
+    a subcomponent of W sets both of its uses (W in linear1, W^T in linear2) and nothing else, and the
+    single panels add up to the sum panel."""
+    torch.manual_seed(0)
+    target = models.TMS(5, 2, n_hidden_layers=1)
+    dec = spd.Decomposition(target, ["linear1", "linear2", "hidden_layers.0"], C=4)
+    with torch.no_grad():  # W keeps subcomponents 0, 1; the identity keeps 3
+        dec.UV("linear1")[1][2:] = 0
+        dec.UV("hidden_layers.0")[1][:3] = 0
+    panels = analysis.tms_network_panels(dec, norm_threshold=1e-6, max_show=10)
+    titles = [t for t, _ in panels]
+    assert titles[:2] == ["target", "sum of subcomponents"] and len(panels) == 5
+    assert sorted(titles[2:]) == ["I_0 subcomponent 3", "W subcomponent 0", "W subcomponent 1"]
+    W = target.linear1.weight.detach()
+    assert list(panels[0][1]) == ["linear1", "hidden_layers.0", "linear2"]  # forward order
+    assert torch.equal(panels[0][1]["linear1"], W) and torch.equal(panels[0][1]["linear2"], W.T)
+    singles = panels[2:]
+    for title, parts in singles:
+        if title.startswith("W"):
+            assert torch.allclose(parts["linear2"], parts["linear1"].T) and not parts["hidden_layers.0"].any()
+        else:
+            assert not parts["linear1"].any() and not parts["linear2"].any()
+    norms = [max(M.norm() for M in parts.values()) for _, parts in singles]
+    assert norms == sorted(norms, reverse=True)
+    U, V = (t.detach() for t in dec.UV("linear1"))
+    for name, expected in [("linear1", U @ V), ("linear2", (U @ V).T)]:
+        assert torch.allclose(panels[1][1][name], expected)
+        assert torch.allclose(sum(parts[name] for _, parts in singles), expected, atol=1e-6)
+    assert len(analysis.tms_network_panels(dec, norm_threshold=1e-6, max_show=1)) == 3
+    analysis.plot_tms_networks(dec, tmp_path / "net.png", norm_threshold=1e-6)
+    assert (tmp_path / "net.png").stat().st_size > 0
+
+
 def test_report_tms_table_mean_std_and_identity_count(tmp_path):
     import dataclasses
     import json
@@ -1186,6 +1220,7 @@ def test_tms_5_2_id_recovers_features_and_the_identity(tmp_path):
     U, V = dec.UV("hidden_layers.0")
     top = norms.argsort(descending=True)[:2]
     assert torch.allclose(U[:, top] @ V[top], torch.eye(2), atol=0.05), U[:, top] @ V[top]
-    metrics = analysis.evaluate_tms(dec, tmp_path)  # the run folder's metrics and Figures 2, 3
+    metrics = analysis.evaluate_tms(dec, tmp_path)  # the run folder's metrics and Figures 2-4
     assert metrics["hidden_layers.0/n_large_subcomponents"] == 2
-    assert (tmp_path / "tms_subcomponents.png").exists() and (tmp_path / "tms_hidden_layers.0_subcomponents.png").exists()
+    for figure in ("tms_subcomponents.png", "tms_hidden_layers.0_subcomponents.png", "tms_networks.png"):
+        assert (tmp_path / figure).exists(), figure

@@ -5,6 +5,7 @@
     python benchmark.py --presets gpt2           # GPT-2 small architecture, random weights (same cost)
     python benchmark.py --presets tms_5-2 --profile   # also where a step's time goes (torch.profiler)
     python benchmark.py --presets tms_5-2 --compile   # spd_losses under torch.compile (an experiment)
+    python benchmark.py --presets gpt2 --ci_fns scalar vector attention --params   # will it fit? (counts only)
 
 Each (preset, CI function, sequence length) runs in its own subprocess, so the peak memory is
 that configuration's alone (RSS on CPU, torch.cuda.max_memory_allocated on GPU). A step is the
@@ -54,6 +55,19 @@ def build(preset: str, ci_fn: str | None, seq_len: int | None, device: torch.dev
     dec = spd.Decomposition(target.to(device), cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate,
                             max_seq_len=S, tied_updates=cfg.tied_updates).to(device)
     return dec, cfg, sample
+
+
+def count_one(preset: str, ci_fn: str | None, seq_len: int | None) -> dict:
+    """Parameters a decomposition trains, counted on the meta device (nothing is allocated), and the
+    fp32 training state they need: weights, gradients and Adam's two moments, 16 bytes each.
+    Activations come on top (the timed runs' peak memory includes them)."""
+    meta = torch.device("meta")
+    with meta:
+        dec, cfg, _ = build(preset, ci_fn, seq_len, meta, None)
+    uv = sum(p.numel() for p in dec.components.parameters())
+    ci = sum(p.numel() for p in dec.ci_fns.parameters())
+    return {"preset": preset, "ci_fn": cfg.ci_fn, "seq_len": seq_len, "C": cfg.C, "d_gate": cfg.d_gate,
+            "uv_params": uv, "ci_params": ci, "state_gb": 16 * (uv + ci) / 1e9}
 
 
 def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, compile=False) -> dict:
@@ -106,8 +120,19 @@ def main():
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--profile", action="store_true", help="print where each configuration's step time goes")
     ap.add_argument("--compile", action="store_true", help="time spd_losses under torch.compile (an experiment; train.py does not use it)")
+    ap.add_argument("--params", action="store_true",
+                    help="only count the trained parameters and their fp32 training state (nothing is run)")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.params:
+        print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'U,V (M)':>9s} {'CI (M)':>9s} {'state GB':>9s}")
+        for preset in args.presets:
+            for ci_fn in args.ci_fns:
+                for seq_len in args.seq_lens:
+                    r = count_one(preset, ci_fn, seq_len)
+                    print(f"{preset:14s} {r['ci_fn']:9s} {str(seq_len or '-'):>5s} {r['uv_params'] / 1e6:9.4g} "
+                          f"{r['ci_params'] / 1e6:9.4g} {r['state_gb']:9.3g}")
+        return
     if args._one:  # child process: one configuration
         preset, ci_fn, seq_len = args._one
         row = time_one(preset, None if ci_fn == "-" else ci_fn, None if seq_len == "-" else int(seq_len),
@@ -129,7 +154,10 @@ def main():
                     print(res.stderr)
                 line = [l for l in res.stdout.splitlines() if l.startswith("ROW ")]
                 if not line:
-                    print(f"{preset:14s} failed: {res.stderr.strip().splitlines()[-1] if res.stderr else '?'}")
+                    why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit code {res.returncode}"
+                    if res.returncode == -9:
+                        why += " (killed: out of memory?)"
+                    print(f"{preset:14s} {ci_fn or 'preset':9s} {str(seq_len or '-'):>5s} failed: {why}", flush=True)
                     continue
                 r = json.loads(line[0][4:])
                 rows.append(r)

@@ -1224,3 +1224,16 @@ def test_tms_5_2_id_recovers_features_and_the_identity(tmp_path):
     assert metrics["hidden_layers.0/n_large_subcomponents"] == 2
     for figure in ("tms_subcomponents.png", "tms_hidden_layers.0_subcomponents.png", "tms_networks.png"):
         assert (tmp_path / figure).exists(), figure
+
+
+def test_benchmark_params_count_matches_a_hand_count():
+    """benchmark.py --params counts on the meta device; TMS 5-2 by hand: one U, V for the tied pair,
+    C (d_in + d_out) = 20 * 7; scalar CI per use (2): w_in, b_in, w_out [C, d_gate] and b_out [C]."""
+    import benchmark
+
+    r = benchmark.count_one("tms_5-2", None, None)
+    assert r["uv_params"] == 20 * (5 + 2)
+    assert r["ci_params"] == 2 * (3 * 20 * 16 + 20)
+    assert r["state_gb"] == pytest.approx(16 * (140 + 1960) / 1e9)
+    r = benchmark.count_one("induction", "vector", 64)  # vector CI: per matrix [d_in, C, d_gate] + 2 [C, d_gate] + [C]
+    assert r["ci_params"] == 8 * (16 * 100 * 16 + 2 * 100 * 16 + 100)

@@ -194,19 +194,21 @@ def one_hot_ci(dec: spd.Decomposition, n_features: int, value: float = 0.75) -> 
     return {n: g.clamp(0, 1) for n, g in ci_upper.items()}
 
 
-def monosemantic_in_fraction(ci: dict[str, torch.Tensor], threshold: float = 0.1) -> float:
-    """Fraction of features i for which, in every layer, exactly one W_in subcomponent has g > 0.1
-    on input i, and no other feature uses that subcomponent."""
-    ok = None
+def monosemantic_in_by_layer(ci: dict[str, torch.Tensor], threshold: float = 0.1) -> dict[str, torch.Tensor]:
+    """Per W_in matrix, [n] bool: feature i has exactly one subcomponent with g > threshold on input
+    i, and no other feature uses that subcomponent."""
+    out = {}
     for name, g in ci.items():
-        if not name.endswith("mlp_in"):
-            continue
-        active = g > threshold  # [n, C]
-        exactly_one = active.sum(1) == 1
-        unshared = (active & (active.sum(0, keepdim=True) == 1)).any(1)
-        layer_ok = exactly_one & unshared
-        ok = layer_ok if ok is None else ok & layer_ok
-    return float(ok.float().mean())
+        if name.endswith("mlp_in"):
+            active = g > threshold  # [n, C]
+            unshared = (active & (active.sum(0, keepdim=True) == 1)).any(1)
+            out[name] = (active.sum(1) == 1) & unshared
+    return out
+
+
+def monosemantic_in_fraction(ci: dict[str, torch.Tensor], threshold: float = 0.1) -> float:
+    """Fraction of features i that are monosemantic (monosemantic_in_by_layer) in every layer."""
+    return float(torch.stack(list(monosemantic_in_by_layer(ci, threshold).values())).all(0).float().mean())
 
 
 def dense_out_count(ci: dict[str, torch.Tensor], threshold: float = 0.1) -> int:
@@ -244,6 +246,8 @@ def evaluate_resid_mlp(dec: spd.Decomposition, target: torch.nn.Module, out_dir:
     ci = one_hot_ci(dec, n_features)
     out = {"in_monosemantic_fraction": monosemantic_in_fraction(ci), "out_dense_count": dense_out_count(ci)}
     out["out_alive_count"], out["out_active_fraction"] = out_activity(ci)
+    out["in_monosemantic_by_layer"] = {n: float(ok.float().mean()) for n, ok in monosemantic_in_by_layer(ci).items()}
+    out["in_active_per_input"] = {n: float((g > 0.1).sum(1).float().mean()) for n, g in ci.items() if n.endswith("mlp_in")}
     xs, ys = [], []
     for layer in range(len(target.layers)):
         t, s = neuron_contributions(dec, target.W_E, layer)
@@ -1023,14 +1027,17 @@ def tms_table(runs) -> str:
 
 
 def resid_table(runs) -> str:
-    lines = ["| Model | W_in monosemantic fraction (paper) | W_out subcomponents used (paper) | share of one-hot "
-             "inputs each is active on | active on ≥ half | neuron-contribution r | stochastic recon | steps |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| Model | W_in monosemantic fraction (paper) | per layer | W_in active per input, per layer | "
+             "W_out subcomponents used (paper) | share of one-hot inputs each is active on | active on ≥ half | "
+             "neuron-contribution r | stochastic recon | steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    per_layer = lambda m, key: " / ".join(f"{v:.2f}" for v in m[key].values()) if key in m else "–"  # noqa: E731
     commands = []
     for d, c, m in runs:
         if c["model"] not in PAPER_RESID_OUT_DENSE:
             continue
         lines.append(f"| {c['model']} ({d.name}) | {m['in_monosemantic_fraction']:.3f} (1.0) | "
+                     f"{per_layer(m, 'in_monosemantic_by_layer')} | {per_layer(m, 'in_active_per_input')} | "
                      f"{m.get('out_alive_count', '-')} ({PAPER_RESID_OUT_DENSE[c['model']]}) | "
                      f"{m.get('out_active_fraction', float('nan')):.2f} | {m['out_dense_count']} | "
                      f"{m['neuron_contribution_corr']:.4f} | "
@@ -1039,7 +1046,9 @@ def resid_table(runs) -> str:
     lines += ["", "Paper: every W_in feature gets its own subcomponent in every layer (fraction 1.0); W_out is split",
               "into 50 (51) subcomponents that form one rank-50 (51) component (\"noisy\" for 1 layer, Figure 8;",
               "co-active on all inputs for 2 and 3 layers, Figures 12, 13). Active means upper-leaky g > 0.1 on",
-              "the one-hot inputs 0.75 e_i. Figures ci_one_hot.png and neuron_contributions.png are in each run",
+              "the one-hot inputs 0.75 e_i; \"per layer\" gives the monosemantic fraction of each layer's W_in alone",
+              "(the fraction before it asks for all layers at once), and how many W_in subcomponents each input",
+              "activates on average (paper: 1). Figures ci_one_hot.png and neuron_contributions.png are in each run",
               "folder. A run that finished before one of these columns existed was re-evaluated from its",
               "checkpoint with its command plus `--evaluate_only`. Commands:", "", "```"] + commands + ["```"]
     return "\n".join(lines) + "\n"

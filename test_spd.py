@@ -668,6 +668,12 @@ def test_resid_metrics_by_hand():
     assert analysis.monosemantic_in_fraction(ci) == pytest.approx(1 / 3)
     assert analysis.dense_out_count(ci) == 2  # columns 0 (3/3) and 1 (2/3) are active on >= half
     assert analysis.out_activity(ci) == (2, pytest.approx(5 / 6))  # column 2 never active; (3 + 2) / 6
+    # a second layer in which features 1 and 2 are monosemantic and 0 is not (two subcomponents)
+    ci["layers.1.mlp_in"] = torch.tensor([[0.7, 0.5, 0.0, 0.0], [0.0, 0.0, 0.6, 0.0], [0.0, 0.0, 0.0, 0.3]])
+    by_layer = analysis.monosemantic_in_by_layer(ci)
+    assert by_layer["layers.0.mlp_in"].tolist() == [True, False, False]
+    assert by_layer["layers.1.mlp_in"].tolist() == [False, True, True]
+    assert analysis.monosemantic_in_fraction(ci) == 0.0  # no feature is monosemantic in both layers
 
 
 def test_neuron_contributions_of_a_per_feature_decomposition_equal_the_targets():
@@ -1117,7 +1123,7 @@ def test_tms_network_panels_split_the_network_by_subcomponent(tmp_path):
     assert (tmp_path / "net.png").stat().st_size > 0
 
 
-def test_report_tms_table_mean_std_and_identity_count(tmp_path):
+def test_report_tables_tms_mean_std_identity_count_and_resid_per_layer(tmp_path):
     import dataclasses
     import json
 
@@ -1139,6 +1145,15 @@ def test_report_tms_table_mean_std_and_identity_count(tmp_path):
     assert "| tms_5-2 | 0.990 ± 0.014 | 1.000 ± 0.014 | 2 | 40000 | 1.000 ± 0.000 | 0.993 ± 0.002 | 5, 4 (5) | – |" in md
     assert "| tms_5-2-id | 1.000 ± 0.000 | 1.000 ± 0.000 | 1 | 40000 |" in md and "| ? (5) | 2 (2) |" in md
     assert f"python train.py --model tms_5-2 --seed 1 --steps 40000 --out {tmp_path / 'b'}" in md
+    resid = {"in_monosemantic_fraction": 0.5, "out_alive_count": 50, "out_active_fraction": 0.9, "out_dense_count": 48,
+             "neuron_contribution_corr": 0.99, "eval_losses": {"stochastic_recon": 1e-5}}
+    fake_run("d", "resid_mlp2", 0, {**resid, "in_monosemantic_by_layer": {"layers.0.mlp_in": 0.9, "layers.1.mlp_in": 0.6},
+                                    "in_active_per_input": {"layers.0.mlp_in": 1.0, "layers.1.mlp_in": 1.25}})
+    fake_run("e", "resid_mlp1", 0, resid)  # a run evaluated before the per-layer columns existed
+    analysis.report(tmp_path, tmp_path / "out")
+    md = (tmp_path / "out" / "resid_mlp.md").read_text()
+    assert "| resid_mlp2 (d) | 0.500 (1.0) | 0.90 / 0.60 | 1.00 / 1.25 | 50 (50) | 0.90 | 48 | 0.9900 | 1e-05 | 50000 |" in md
+    assert "| resid_mlp1 (e) | 0.500 (1.0) | – | – | 50 (50) |" in md
 
 
 # ================================================================================================

@@ -7,7 +7,8 @@
 #                                  # take days on a CPU)
 #   bash experiments.sh --quick    # CPU-sized: fewer seeds and steps, smaller residual MLPs
 #
-# Every run folder lands in runs/experiments[_quick]/; rerunning skips runs whose metrics.json exists.
+# Every run folder lands in runs/experiments[_quick]/; rerunning skips runs whose metrics.json exists
+# and continues killed ones from their last checkpoint (train.py --resume).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -28,11 +29,13 @@ else
 fi
 mkdir -p "$ROOT" results
 
-run() {  # run NAME ARGS...: one decomposition unless it already finished
+run() {  # run NAME ARGS...: one decomposition unless it already finished; a killed one is resumed
   local out="$ROOT/$1"; shift
   if [[ -f "$out/metrics.json" ]]; then echo "skip $out (done)"; return; fi
-  echo "=== python train.py $* --out $out"
-  python train.py "$@" --out "$out" --no_progress --log_every 1000
+  local resume=()
+  if [[ -f "$out/config.json" ]]; then resume=(--resume); fi
+  echo "=== python train.py $* --out $out ${resume[*]}"
+  python train.py "$@" --out "$out" --no_progress --log_every 1000 "${resume[@]}"
 }
 
 # --- SPD paper Table 1: the four TMS models over seeds

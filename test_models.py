@@ -347,10 +347,10 @@ def test_gpt2_without_transformers_says_how_to_install(monkeypatch):
 
 # --- train.py: the one command, end to end, and its errors -----------------------------------------
 
-def run_cli(tmp_path, *argv):
+def run_cli(tmp_path, *argv, out="run"):
     import train
 
-    return train.main([*argv, "--out", str(tmp_path / "run"), "--target_dir", str(tmp_path / "targets"),
+    return train.main([*argv, "--out", str(tmp_path / out), "--target_dir", str(tmp_path / "targets"),
                        "--no_progress"])
 
 
@@ -385,7 +385,9 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     with pytest.raises(SystemExit, match="--evaluate_only: .*not found"):
         train.main(["--model", "tms_5-2", "--out", str(tmp_path / "nothing"), "--target_dir", str(tmp_path / "targets"),
                     "--target_steps", "200", "--evaluate_only", "--no_progress"])
-    run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "200")  # cached target
+    with pytest.raises(SystemExit, match="holds a finished run; add --evaluate_only"):  # never overwritten
+        run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "200")
+    run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "200", out="run2")  # cached target
 
 
 @pytest.mark.parametrize("tied_updates", ["shared", "separate"])
@@ -423,6 +425,8 @@ def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, capsys
         cli("killed", "--resume", "--C", "10")
     with pytest.raises(SystemExit, match="no checkpoint to resume"):
         cli("fresh", "--resume")
+    with pytest.raises(SystemExit, match="holds an unfinished run, checkpointed at step 10; add --resume"):
+        cli("killed")  # the same command without --resume must not overwrite what was saved
     shutil.copytree(tmp_path / "killed", tmp_path / "other_threads")
     resumed = cli("killed", "--resume")
     a, b = (torch.load(tmp_path / d / "decomposition.pt", weights_only=True) for d in ("whole", "killed"))
@@ -496,7 +500,7 @@ def test_cli_cuda_without_gpu_and_corrupt_cached_target(tmp_path, monkeypatch):
     cached = next((tmp_path / "targets").glob("*.pt"))
     cached.write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="cannot be loaded.*--retrain_target"):
-        run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "50")
+        run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "50", out="run2")
 
 
 def test_cli_gpt2_from_a_local_folder(tmp_path):

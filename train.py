@@ -250,6 +250,13 @@ def main(argv=None) -> dict:
         raise SystemExit(str(e))
     device = pick_device(args.device)
     out = Path(args.out or f"runs/{args.model}_seed{cfg.seed}")
+    if (out / "config.json").exists() and not (args.resume or args.evaluate_only):  # never overwrite a saved run
+        if (out / "metrics.json").exists():
+            raise SystemExit(f"{out} holds a finished run; add --evaluate_only to re-evaluate it, or pass another "
+                             f"--out (or delete {out}) to start afresh")
+        raise SystemExit(f"{out} holds an unfinished run, checkpointed at step "
+                         f"{json.loads((out / 'config.json').read_text()).get('step', '?')}; add --resume to continue "
+                         f"it, or pass another --out (or delete {out}) to start afresh")
     out.mkdir(parents=True, exist_ok=True)
     print(f"run folder: {out}   device: {device}")
 

@@ -23,6 +23,7 @@ for the residual MLP, LayerNorm or MLPs in the induction transformer.
 """
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -272,22 +273,43 @@ class InductionTransformer(nn.Module):
 # E. Target training
 
 
-def fit(model, loss_fn, sample, steps, lr, lr_factor=lambda step: 1.0, desc="train", progress=True):
+def fit(model, loss_fn, sample, steps, lr, lr_factor=lambda step: 1.0, desc="train", progress=True,
+        generator=None, checkpoint=None, save_every=1000):
     """AdamW (PyTorch's default weight decay 0.01) on the trainable parameters, lr * lr_factor(step).
 
     Each step draws a fresh batch = sample() and minimises loss_fn(batch); the data stream is
-    infinite, as in the reference runs.
+    infinite, as in the reference runs. checkpoint (a path): every save_every steps the model, the
+    optimizer and the data generator's state are saved there, and a call with a checkpoint present
+    continues from it (exactly, on the same machine and thread count); the file is removed at the end.
     """
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+    start = 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            generator.set_state(state["rng"])
+        except Exception as e:
+            raise ValueError(f"cannot continue {desc} from {checkpoint} ({str(e).splitlines()[0]}); "
+                               f"delete it to train from scratch") from e
+        start = state["step"]
+        print(f"{desc}: continuing from step {start} ({checkpoint})")
     model.train()
-    for step in tqdm(range(steps), desc=desc, disable=not progress):
+    for step in tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps):
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(step)
         loss = loss_fn(sample())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if checkpoint is not None and (step + 1) % save_every == 0 and step + 1 < steps:
+            state = {"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(), "rng": generator.get_state()}
+            torch.save(state, f"{checkpoint}.tmp")
+            os.replace(f"{checkpoint}.tmp", checkpoint)  # a kill mid-save leaves the previous checkpoint whole
     model.eval()
+    if checkpoint is not None and os.path.exists(checkpoint):
+        os.remove(checkpoint)
 
 
 def quarter_cosine(step, steps):
@@ -295,7 +317,7 @@ def quarter_cosine(step, steps):
     return 1.0 if steps == 1 else math.cos(0.5 * math.pi * step / (steps - 1))
 
 
-def train_tms(model, steps=10_000, batch=1024, lr=5e-3, p=0.05, seed=0, device="cpu", progress=True):
+def train_tms(model, steps=10_000, batch=1024, lr=5e-3, p=0.05, seed=0, device="cpu", progress=True, checkpoint=None):
     """Minimise mean_{b,i} (x_i - x_hat_i)^2, x ~ sparse_features(p, (0, 1)), constant lr.
 
     Returns {"loss"} on a fresh batch 10x the training batch.
@@ -304,12 +326,12 @@ def train_tms(model, steps=10_000, batch=1024, lr=5e-3, p=0.05, seed=0, device="
     g = torch.Generator(device).manual_seed(seed)
     sample = lambda b=batch: sparse_features(b, n, p, (0.0, 1.0), g, device)  # [b, n]
     loss_fn = lambda x: (model(x) - x).pow(2).mean()
-    fit(model.to(device), loss_fn, sample, steps, lr, desc="train tms", progress=progress)
+    fit(model.to(device), loss_fn, sample, steps, lr, desc="train tms", progress=progress, generator=g, checkpoint=checkpoint)
     with torch.no_grad():
         return {"loss": loss_fn(sample(10 * batch)).item()}
 
 
-def train_resid_mlp(model, steps=1_000, batch=2048, lr=3e-3, p=0.01, seed=0, device="cpu", progress=True):
+def train_resid_mlp(model, steps=1_000, batch=2048, lr=3e-3, p=0.01, seed=0, device="cpu", progress=True, checkpoint=None):
     """Minimise mean_{b,i} (out_i - y_i)^2, y = x + ReLU(x), x ~ sparse_features(p, (-1, 1)),
     with lr_s = lr * cos(pi/2 * s/(S-1)). Returns {"loss"} on a fresh batch 10x the training batch.
     """
@@ -317,7 +339,8 @@ def train_resid_mlp(model, steps=1_000, batch=2048, lr=3e-3, p=0.01, seed=0, dev
     g = torch.Generator(device).manual_seed(seed)
     sample = lambda b=batch: sparse_features(b, n, p, (-1.0, 1.0), g, device)  # [b, n]
     loss_fn = lambda x: (model(x) - resid_mlp_labels(x)).pow(2).mean()
-    fit(model.to(device), loss_fn, sample, steps, lr, lambda s: quarter_cosine(s, steps), "train resid_mlp", progress)
+    fit(model.to(device), loss_fn, sample, steps, lr, lambda s: quarter_cosine(s, steps), "train resid_mlp", progress,
+        generator=g, checkpoint=checkpoint)
     with torch.no_grad():
         return {"loss": loss_fn(sample(10 * batch)).item()}
 
@@ -335,7 +358,8 @@ def induction_metrics(model, n=10_000, generator=None, device="cpu", chunk=2_000
     return {"ce": ce / n, "acc": correct / n}
 
 
-def train_induction(model, steps=100_000, batch=1024, lr=1e-3, warmup=1000, seed=42, device="cpu", progress=True):
+def train_induction(model, steps=100_000, batch=1024, lr=1e-3, warmup=1000, seed=42, device="cpu", progress=True,
+                    checkpoint=None):
     """Cross-entropy of the last position's logits against m; lr_t = lr * min(1, t / warmup).
 
     Returns {"ce", "acc"} at the last position on a fresh batch of 10k sequences.
@@ -348,7 +372,7 @@ def train_induction(model, steps=100_000, batch=1024, lr=1e-3, warmup=1000, seed
         return F.cross_entropy(model.unembed(model.residual(tokens)[0][:, -1]), label)
 
     warm = lambda t: min(1.0, t / warmup) if warmup > 0 else 1.0
-    fit(model.to(device), loss_fn, sample, steps, lr, warm, "train induction", progress)
+    fit(model.to(device), loss_fn, sample, steps, lr, warm, "train induction", progress, generator=g, checkpoint=checkpoint)
     return induction_metrics(model, generator=g, device=device)
 
 
@@ -423,9 +447,11 @@ def build_target(name: str, **overrides):
         return _build(cfg), cfg
 
 
-def train_target(model, cfg, device="cpu", progress=True) -> dict:
-    """Train `model` with the settings in `cfg` (from build_target); returns final metrics."""
-    common = dict(steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"], seed=cfg["seed"], device=device, progress=progress)
+def train_target(model, cfg, device="cpu", progress=True, checkpoint=None) -> dict:
+    """Train `model` with the settings in `cfg` (from build_target); returns final metrics.
+    checkpoint: a path where a killed training keeps its state and from which it continues (see fit)."""
+    common = dict(steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"], seed=cfg["seed"], device=device, progress=progress,
+                  checkpoint=checkpoint)
     if cfg["family"] == "tms":
         return train_tms(model, p=cfg["p"], **common)
     if cfg["family"] == "resid_mlp":

@@ -131,6 +131,36 @@ def test_tms_identity_layer_is_frozen_and_plus_id_matches_plain():
     assert torch.allclose(plain.linear1.weight, with_id.linear1.weight, atol=1e-6)
 
 
+def test_target_training_killed_and_continued_matches_an_uninterrupted_one(tmp_path):
+    """fit's checkpoint: a training killed at step 25 continues from its step-20 checkpoint and ends
+    with exactly the weights of an uninterrupted one; the checkpoint is removed at the end, and an
+    unreadable one is refused with a message."""
+    def train(checkpoint, kill_at=None):
+        torch.manual_seed(0)
+        model, g, calls = nn.Linear(3, 1), torch.Generator().manual_seed(1), []
+
+        def sample():
+            calls.append(1)
+            if len(calls) == kill_at:
+                raise KeyboardInterrupt
+            return torch.randn(8, 3, generator=g)
+
+        models.fit(model, lambda x: (model(x) - x.sum(-1, keepdim=True)).pow(2).mean(), sample, 30, 1e-2,
+                   progress=False, generator=g, checkpoint=checkpoint, save_every=10)
+        return model
+
+    whole = train(None)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "ckpt.pt", kill_at=26)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 20
+    continued = train(tmp_path / "ckpt.pt")
+    assert torch.equal(continued.weight, whole.weight) and torch.equal(continued.bias, whole.bias)
+    assert not (tmp_path / "ckpt.pt").exists()
+    (tmp_path / "ckpt.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot continue train from .*ckpt.pt.*delete it"):
+        train(tmp_path / "ckpt.pt")
+
+
 def test_tms_5_2_learns_a_pentagon():
     # Preset seed 2, 3000 of the reference 10k steps (~2 s). Measured: norms 1.132-1.139,
     # gaps 71.5-72.9 degrees (10k steps: 1.133-1.138, 71.8-72.3).

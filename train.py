@@ -133,9 +133,13 @@ def get_target(args, device) -> tuple[torch.nn.Module, dict]:
             raise SystemExit(f"cached target {path} cannot be loaded ({str(e).splitlines()[0]}); delete it or pass --retrain_target")
         print(f"target: loaded {path}")
         return model.to(device), tcfg
-    print(f"target: training {args.model} ({tcfg['steps']} steps)")
+    partial = path.with_name(path.stem + ".partial.pt")  # a killed training's state, continued from here
+    print(f"target: training {args.model} ({tcfg['steps']} steps; checkpoints in {partial})")
     model.to(device)
-    metrics = models.train_target(model, tcfg, device=device, progress=not args.no_progress)
+    try:
+        metrics = models.train_target(model, tcfg, device=device, progress=not args.no_progress, checkpoint=partial)
+    except ValueError as e:  # an unreadable checkpoint of an earlier, killed training
+        raise SystemExit(f"target: {e}")
     print(f"target: {metrics}")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)

@@ -292,7 +292,7 @@ def fit(model, loss_fn, sample, steps, lr, lr_factor=lambda step: 1.0, desc="tra
             generator.set_state(state["rng"])
         except Exception as e:
             raise ValueError(f"cannot continue {desc} from {checkpoint} ({str(e).splitlines()[0]}); "
-                               f"delete it to train from scratch") from e
+                             f"delete it to train from scratch") from e
         start = state["step"]
         print(f"{desc}: continuing from step {start} ({checkpoint})")
     model.train()

@@ -522,6 +522,26 @@ def test_cli_bad_input_names_the_value(tmp_path, argv, message):
         run_cli(tmp_path, *argv)
 
 
+def test_cli_killed_target_training_continues_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    real, calls = models.sparse_features, []
+
+    def killed_after_1200_batches(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1200:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "sparse_features", killed_after_1200_batches)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "1500")
+    partial = next((tmp_path / "targets").glob("*.partial.pt"))  # the folder did not exist before
+    assert torch.load(partial, weights_only=True)["step"] == 1000
+    monkeypatch.setattr(models, "sparse_features", real)
+    run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "1500", out="run2")
+    assert "train tms: continuing from step 1000" in capsys.readouterr().out
+    assert not partial.exists() and len(list((tmp_path / "targets").glob("*.pt"))) == 1
+
+
 def test_cli_cuda_without_gpu_and_corrupt_cached_target(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--device cuda was asked for but torch sees no GPU"):

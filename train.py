@@ -136,12 +136,12 @@ def get_target(args, device) -> tuple[torch.nn.Module, dict]:
     partial = path.with_name(path.stem + ".partial.pt")  # a killed training's state, continued from here
     print(f"target: training {args.model} ({tcfg['steps']} steps; checkpoints in {partial})")
     model.to(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         metrics = models.train_target(model, tcfg, device=device, progress=not args.no_progress, checkpoint=partial)
     except ValueError as e:  # an unreadable checkpoint of an earlier, killed training
         raise SystemExit(f"target: {e}")
     print(f"target: {metrics}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return model, tcfg
 

@@ -1046,9 +1046,9 @@ def resid_table(runs) -> str:
     lines += ["", "Paper: every W_in feature gets its own subcomponent in every layer (fraction 1.0); W_out is split",
               "into 50 (51) subcomponents that form one rank-50 (51) component (\"noisy\" for 1 layer, Figure 8;",
               "co-active on all inputs for 2 and 3 layers, Figures 12, 13). Active means upper-leaky g > 0.1 on",
-              "the one-hot inputs 0.75 e_i; \"per layer\" gives the monosemantic fraction of each layer's W_in alone",
-              "(the fraction before it asks for all layers at once), and how many W_in subcomponents each input",
-              "activates on average (paper: 1). Figures ci_one_hot.png and neuron_contributions.png are in each run",
+              "the one-hot inputs 0.75 e_i. \"per layer\": the same fraction for each layer's W_in on its own (the",
+              "column before it asks it of all layers at once); then how many W_in subcomponents each one-hot input",
+              "activates on average, per layer (paper: 1). Figures ci_one_hot.png and neuron_contributions.png are in each run",
               "folder. A run that finished before one of these columns existed was re-evaluated from its",
               "checkpoint with its command plus `--evaluate_only`. Commands:", "", "```"] + commands + ["```"]
     return "\n".join(lines) + "\n"

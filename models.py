@@ -279,9 +279,12 @@ def fit(model, loss_fn, sample, steps, lr, lr_factor=lambda step: 1.0, desc="tra
 
     Each step draws a fresh batch = sample() and minimises loss_fn(batch); the data stream is
     infinite, as in the reference runs. checkpoint (a path): every save_every steps the model, the
-    optimizer and the data generator's state are saved there, and a call with a checkpoint present
-    continues from it (exactly, on the same machine and thread count); the file is removed at the end.
+    optimizer and the state of `generator` (the one sample() draws from) are saved there, and a call
+    with a checkpoint present continues from it (exactly, on the same machine and thread count); the
+    file is removed at the end.
     """
+    if checkpoint is not None and generator is None:
+        raise ValueError("fit: a checkpoint needs the data generator, to continue the same data stream")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     start = 0
     if checkpoint is not None and os.path.exists(checkpoint):

@@ -55,6 +55,21 @@ def test_leaky_slopes_keep_gradients_alive():
     assert torch.allclose(x.grad, torch.tensor([0.0, 0.01]))
 
 
+def test_leaky_hard_sigmoids_equal_the_case_split_in_values_and_gradients():
+    """eq. 14 written literally with torch.where (the kinks: lower has slope 0.01 at 0 and 1 at 1;
+    upper has slope 1 at 0 and 0.01 at 1) against the faster forms in spd.py, bit for bit."""
+    lower = lambda x: torch.where(x <= 0, 0.01 * x, x.clamp(max=1.0))  # noqa: E731
+    upper = lambda x: torch.where(x >= 1, 1 + 0.01 * (x - 1), x.clamp(min=0.0))  # noqa: E731
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(10_000) * 3, torch.tensor([0.0, -0.0, 1.0, 1e-8, -1e-8, 1 - 6e-8, 1 + 1.2e-7, -200.0, 200.0])])
+    for mine, ref in ((spd.lower_leaky_hard_sigmoid, lower), (spd.upper_leaky_hard_sigmoid, upper)):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = mine(xa), ref(xb)
+        w = torch.randn_like(x)
+        (ya * w).sum().backward(), (yb * w).sum().backward()
+        assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+
+
 # --- C. eq. 1 and initialisation -----------------------------------------------------------------
 
 def test_projection_init_is_projection_onto_rank_one_directions():
@@ -84,8 +99,10 @@ def naive_scalar_gamma(ci, h):
                         for c in range(h.shape[-1])], -1)
 
 
-@pytest.mark.parametrize("chunk", [1 << 18, 40, 0])  # one chunk; several (the last one shorter); one c each
-def test_scalar_ci_matches_autograd(monkeypatch, chunk):
+# hidden tensor kept for the backward; recomputed in one chunk, in several (the last one shorter), one c each
+@pytest.mark.parametrize("keep, chunk", [(1 << 22, 0), (0, 1 << 18), (0, 40), (0, 0)])
+def test_scalar_ci_matches_autograd(monkeypatch, keep, chunk):
+    monkeypatch.setattr(spd, "_KEEP_ELEMS", keep)
     monkeypatch.setattr(spd, "_CHUNK_ELEMS", chunk)
     torch.manual_seed(0)
     ci = spd.ScalarCI(C=7, d_gate=5)
@@ -103,7 +120,9 @@ def test_scalar_ci_matches_autograd(monkeypatch, chunk):
         assert torch.allclose(mine, ref, atol=1e-5)
 
 
-def test_scalar_gamma_gradcheck_double():
+@pytest.mark.parametrize("keep", [1 << 22, 0])
+def test_scalar_gamma_gradcheck_double(monkeypatch, keep):
+    monkeypatch.setattr(spd, "_KEEP_ELEMS", keep)
     torch.manual_seed(0)
     args = [torch.randn(6, 3, dtype=torch.double, requires_grad=True)] + \
            [torch.randn(*s, dtype=torch.double, requires_grad=True) for s in [(3, 4), (3, 4), (3, 4), (3,)]]
@@ -174,6 +193,7 @@ def test_sample_masks_distribution_and_reparametrisation():
     assert abs(m.mean().item() - (0.3 + 0.7 / 2)) < 3e-3  # mean of U(0.3, 1)
     torch.manual_seed(0)
     r = torch.rand_like(g)
+    assert torch.allclose(m, g + (1 - g) * r)  # the same r, in the paper's form
     m.sum().backward()
     assert torch.allclose(g.grad, 1 - r)  # dm/dg = 1 - r
 

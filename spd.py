@@ -183,7 +183,7 @@ def init_components_(comp: Components, W: torch.Tensor, how: str = "projection")
 
 _CHUNK_ELEMS = 1 << 20  # hidden elements per chunk on CPU (4 MB): measured fastest for resid_mlp3
 _CHUNK_ELEMS_GPU = 1 << 26  # on a GPU, fewer and larger chunks (256 MB): kernel launches dominate there
-_KEEP_ELEMS = 1 << 22  # hidden tensors up to this size (16 MB) are kept for the backward, not recomputed
+_KEEP_ELEMS = 1 << 20  # a hidden tensor up to this size (4 MB) is kept for the backward; a larger one is recomputed
 
 
 class _ScalarGamma(torch.autograd.Function):
@@ -203,7 +203,7 @@ class _ScalarGamma(torch.autograd.Function):
     def forward(ctx, h, w_in, b_in, w_out, b_out):
         (N, C), k = h.shape, w_in.shape[1]
         hT = h.T.contiguous()  # [C, N]: chunks over C become contiguous blocks
-        kept = h.new_empty(2, C, N, k) if C * N * k <= _KEEP_ELEMS else None
+        kept = _buffer((2, C, N, k), h) if C * N * k <= _KEEP_ELEMS else None
         out = h.new_empty(C, 1, N)
         for sl, pre, act in _chunks(hT, k, kept):  # pre, act: [c, N, k]
             _hidden(hT[sl], w_in[sl], b_in[sl], pre, act)
@@ -222,12 +222,29 @@ class _ScalarGamma(torch.autograd.Function):
             if not kept:
                 _hidden(hT[sl], w_in[sl], b_in[sl], pre, act)
             torch.bmm(goT[sl, None, :], act, out=g_w_out[sl])  # Σ_n go GELU(pre)          [c, 1, k]
-            d_pre = torch.empty_like(pre) if kept else act  # a kept act stays intact (one chunk)
+            d_pre = _buffer(pre.shape, pre) if kept else act  # a kept act stays intact (one chunk)
             torch.mul(goT[sl, :, None], w_out[sl, None, :], out=d_pre)  # dL/dGELU         [c, N, k]
             torch.ops.aten.gelu_backward.grad_input(d_pre, pre, grad_input=d_pre)  # dL/dpre
             torch.bmm(w_in[sl, None, :], d_pre.transpose(1, 2), out=g_h[sl])  # Σ_k w_in d_pre  [c, 1, N]
             torch.bmm(h1[sl], d_pre, out=g_in[sl])  # Σ_n h d_pre, Σ_n d_pre                 [c, 2, k]
         return g_h[:, 0].T, g_in[:, 0], g_in[:, 1], g_w_out[:, 0], grad_out.sum(0)
+
+
+_SPARE: list[torch.Tensor] = []  # flat buffers for _buffer to hand out again
+
+
+def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of `shape` for Γ's hidden activations, in the memory of an earlier
+    call's buffer once nothing else holds it (no autograd graph saved it: `_use_count` is 1). On a
+    CPU, fresh megabytes on every step cost page faults (about 400 per TMS 5-2 step), and those
+    cost more than the ops that fill them."""
+    n = math.prod(shape)
+    free = [b for b in _SPARE if b._use_count() == 1 and b.device == like.device and b.dtype == like.dtype]
+    fits = [b for b in free if b.numel() >= n]
+    if not fits:  # the free ones are too small for this size: let them go
+        _SPARE[:] = [b for b in _SPARE if all(b is not f for f in free)] + [like.new_empty(n + n // 4)]
+        fits = _SPARE[-1:]  # (the n // 4 leaves room for the number of live rows to grow)
+    return fits[0][:n].view(shape)
 
 
 def _hidden(hT, w_in, b_in, pre, act) -> None:
@@ -272,13 +289,16 @@ class ScalarCI(nn.Module):
         if nonzero is None or nonzero.all():
             return self.gamma(flat).reshape(h.shape)
         rows = nonzero.reshape(-1).nonzero()[:, 0]
-        zero = ((F.gelu(self.b_in) * self.w_out).sum(-1) + self.b_out).expand_as(flat)  # γ(0)   [N, C]
+        zero = self.at_zero().expand_as(flat)  # [N, C]
         if len(rows) == 0:
             return zero.reshape(h.shape)
         return zero.index_put((rows,), self.gamma(flat[rows])).reshape(h.shape)
 
     def gamma(self, h: torch.Tensor) -> torch.Tensor:  # h [N, C] -> [N, C]
         return _ScalarGamma.apply(h, self.w_in, self.b_in, self.w_out, self.b_out)
+
+    def at_zero(self) -> torch.Tensor:  # γ(0) [C]
+        return (F.gelu(self.b_in) * self.w_out).sum(-1) + self.b_out
 
 
 class VectorCI(nn.Module):
@@ -477,6 +497,16 @@ class Decomposition(nn.Module):
                 pre = self.ci_fns[_key(name)](a)
             lower[name], upper[name] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
         return lower, upper
+
+    def importance_at_zero(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """σ_H,upper(Γ(0)) [1, ..., C] per matrix: the importances of an all-zero input, shaped like
+        one row of acts. The scalar Γ gives it directly (h = 0 V^T = 0), the others from a zero row."""
+        upper = {}
+        for name in self.names:
+            ci_fn, a = self.ci_fns[_key(name)], acts[name]
+            pre = ci_fn.at_zero()[None] if self.ci_fn == "scalar" else ci_fn(a.new_zeros(1, *a.shape[1:]))
+            upper[name] = upper_leaky_hard_sigmoid(pre)
+        return upper
 
     def component_forward(self, name: str, a: torch.Tensor, mask: torch.Tensor | None = None,
                           route: torch.Tensor | None = None) -> torch.Tensor:
@@ -718,7 +748,7 @@ def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float, valid: torch.Ten
     live = live_rows(acts) if valid is None and isinstance(x, torch.Tensor) else None
     if live is not None:  # every loss but importance minimality skips the dead rows (see live_rows)
         B, n_live = len(live), int(live.sum())
-        dead_ci = dec.causal_importance({n: a.new_zeros(1, *a.shape[1:]) for n, a in acts.items()})[1]  # Γ(0)
+        dead_ci = dec.importance_at_zero(acts)
         x, target_out, acts = x[live], target_out[live], {n: a[live] for n, a in acts.items()}
         D_live = D
         D = lambda out, target: D_live(out, target) * (n_live / B)  # noqa: E731  still a mean over all B rows

@@ -120,6 +120,25 @@ def test_scalar_ci_matches_autograd(monkeypatch, keep, chunk):
         assert torch.allclose(mine, ref, atol=1e-5)
 
 
+def test_scalar_gamma_reuses_no_buffer_a_pending_backward_still_needs():
+    """Two forward passes before one backward: the second must not write into the hidden tensor the
+    first kept for its backward (spd._buffer hands a buffer out again only when nothing holds it)."""
+    torch.manual_seed(0)
+    ci = spd.ScalarCI(C=7, d_gate=5)
+    with torch.no_grad():
+        ci.b_in.normal_()
+    h1, h2 = torch.randn(30, 7, requires_grad=True), torch.randn(30, 7, requires_grad=True)
+    w1, w2 = torch.randn(30, 7), torch.randn(30, 7)
+    grads = []
+    for fn in (ci.gamma, lambda h: naive_scalar_gamma(ci, h)):
+        loss = (fn(h1) * w1).sum() + (fn(h2) * w2).sum()
+        grads.append(torch.autograd.grad(loss, [h1, h2, *ci.parameters()]))
+    for mine, ref in zip(*grads):
+        assert torch.allclose(mine, ref, atol=1e-5)
+    again = ci.gamma(h1)  # after the backward, the kept buffers are free and handed out again
+    assert torch.allclose(again, naive_scalar_gamma(ci, h1), atol=1e-5)
+
+
 @pytest.mark.parametrize("keep", [1 << 22, 0])
 def test_scalar_gamma_gradcheck_double(monkeypatch, keep):
     monkeypatch.setattr(spd, "_KEEP_ELEMS", keep)
@@ -354,8 +373,9 @@ def test_sharing_inner_reuses_h_without_changing_losses_or_gradients():
     assert dec._inner == {}  # the reuse ends with the step
 
 
-@pytest.mark.parametrize("kind", ["tms_5-2-id", "resid_mlp2", "biased_last"])
-def test_dead_rows_skipped_without_changing_losses_or_gradients(kind, monkeypatch):
+@pytest.mark.parametrize("kind, ci_fn", [("tms_5-2-id", "scalar"), ("resid_mlp2", "scalar"), ("biased_last", "scalar"),
+                                         ("tms_5-2-id", "vector")])
+def test_dead_rows_skipped_without_changing_losses_or_gradients(kind, ci_fn, monkeypatch):
     """Rows whose decomposed matrices all see a = 0 skip every recon pass (spd.live_rows); each loss
     and every gradient equals the full-batch computation's. Masks are fixed (r = 0.5) so the two
     computations draw the same ones."""
@@ -366,7 +386,10 @@ def test_dead_rows_skipped_without_changing_losses_or_gradients(kind, monkeypatc
         target, tcfg = models.build_target(kind, **({"d_embed": 30, "d_mlp": 8} if "resid" in kind else {}))
         n_in = tcfg["n_features"]
     torch.manual_seed(1)
-    dec = spd.Decomposition(target, ["*"], C=7)
+    dec = spd.Decomposition(target, ["*"], C=7, ci_fn=ci_fn)
+    with torch.no_grad():  # biases away from 0, so that Γ(0), the dead rows' importance, is not 0
+        for f in dec.ci_fns.values():
+            f.b_in.normal_(), f.b_out.normal_()
     x = torch.rand(24, n_in) * (torch.rand(24, n_in) < 0.3)
     x[:8] = 0
     cfg = spd.SPDConfig(C=7, recon=1.0, recon_layerwise=1.0, recon_partial=1.0, stochastic_recon_partial=1.0)

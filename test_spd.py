@@ -407,6 +407,15 @@ def test_dead_rows_skipped_without_changing_losses_or_gradients(kind, ci_fn, mon
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_nonzero_rows_equals_any():
+    a = torch.randn(40, 7)
+    a[::3] = 0
+    a[1], a[4], a[5], a[7] = -0.0, 0.0, 0.0, 0.0
+    a[2, 3], a[4, 2], a[5, 0], a[7, 6] = float("nan"), 1e-40, -1e-44, float("-inf")  # NaN, denormals, inf
+    assert torch.equal(spd.nonzero_rows(a), a.any(-1))
+    assert torch.equal(spd.nonzero_rows(a.reshape(5, 8, 7)), a.reshape(5, 8, 7).any(-1))
+
+
 def test_live_rows_keeps_rows_a_bias_makes_nonzero():
     _, acts = decomposition(tiny_mlp()).target_forward(torch.zeros(3, 4))  # "2" sees ReLU(b) != 0
     assert spd.live_rows(acts) is None

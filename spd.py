@@ -499,8 +499,9 @@ class Decomposition(nn.Module):
         return lower, upper
 
     def importance_at_zero(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """σ_H,upper(Γ(0)) [1, ..., C] per matrix: the importances of an all-zero input, shaped like
-        one row of acts. The scalar Γ gives it directly (h = 0 V^T = 0), the others from a zero row."""
+        """σ_H,upper(Γ(0)) per matrix: the importances of an all-zero input, whose mean over leading
+        dimensions is a zero row's. The scalar Γ gives it directly ([1, C]: h = 0 V^T = 0), the
+        others run on a zero row shaped like one row of acts ([1, ..., C])."""
         upper = {}
         for name in self.names:
             ci_fn, a = self.ci_fns[_key(name)], acts[name]

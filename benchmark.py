@@ -6,6 +6,7 @@
     python benchmark.py --presets tms_5-2 --profile   # also where a step's time goes (torch.profiler)
     python benchmark.py --presets tms_5-2 --compile   # spd_losses under torch.compile (an experiment)
     python benchmark.py --presets gpt2 --ci_fns scalar vector attention --params   # will it fit? (counts only)
+    python benchmark.py --presets tms_5-2 --against /tmp/old --rounds 8   # speedup over another checkout
 
 Each (preset, CI function, sequence length) runs in its own subprocess, so the peak memory is
 that configuration's alone (RSS on CPU, torch.cuda.max_memory_allocated on GPU). A step is the
@@ -19,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -109,6 +112,55 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
             "reference_ms": REFERENCE_MS.get(preset) if device.type == "cpu" else None}
 
 
+HERE = Path(__file__).resolve().parent
+
+
+def run_child(checkout: Path, preset, ci_fn, seq_len, args) -> dict | str:
+    """One configuration in a fresh process, with the benchmark.py (and so the spd.py) of `checkout`.
+    Returns its row, or why it failed."""
+    cmd = [sys.executable, str(checkout / "benchmark.py"), "--_one", preset, ci_fn or "-", str(seq_len or "-"),
+           "--steps", str(args.steps), "--device", args.device]
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    cmd += ["--profile"] * args.profile + ["--compile"] * args.compile
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout)
+    if args.profile:
+        print(res.stderr)
+    line = [l for l in res.stdout.splitlines() if l.startswith("ROW ")]
+    if line:
+        return json.loads(line[0][4:])
+    why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit code {res.returncode}"
+    return why + " (killed: out of memory?)" if res.returncode == -9 else why
+
+
+def compare(args) -> None:
+    """This checkout against another one (say a git worktree of an older commit), in alternating
+    rounds on the same machine, so that its drift over minutes hits both alike: per preset the
+    median ms/step of each, and the median over rounds of the per-round ratio other / this."""
+    other = Path(args.against).resolve()
+    if not (other / "benchmark.py").exists():
+        raise SystemExit(f"--against {other}: no benchmark.py there; pass a checkout of this project")
+    runs = {(p, c, s): {"other": [], "this": []} for p in args.presets for c in args.ci_fns for s in args.seq_lens}
+    for i in range(args.rounds):
+        for (preset, ci_fn, seq_len), ms in runs.items():
+            for name, checkout in (("other", other), ("this", HERE))[:: 1 if i % 2 == 0 else -1]:
+                r = run_child(checkout, preset, ci_fn, seq_len, args)
+                if isinstance(r, str):
+                    raise SystemExit(f"{preset} in {checkout} failed: {r}")
+                ms[name].append(r["ms_per_step"])
+        print(f"round {i + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'other ms':>9s} {'this ms':>8s} {'speedup':>8s}  per round")
+    for (preset, ci_fn, seq_len), ms in runs.items():
+        ratios = [o / t for o, t in zip(ms["other"], ms["this"])]
+        print(f"{preset:14s} {ci_fn or 'preset':9s} {str(seq_len or '-'):>5s} {statistics.median(ms['other']):9.1f} "
+              f"{statistics.median(ms['this']):8.1f} {statistics.median(ratios):7.2f}x  "
+              + " ".join(f"{r:.2f}" for r in ratios))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"other": str(other), "this": str(HERE), "args": vars(args),
+                       "ms_per_step": {"/".join(map(str, k)): v for k, v in runs.items()}}, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=TOY)
@@ -122,6 +174,9 @@ def main():
     ap.add_argument("--compile", action="store_true", help="time spd_losses under torch.compile (an experiment; train.py does not use it)")
     ap.add_argument("--params", action="store_true",
                     help="only count the trained parameters and their fp32 training state (nothing is run)")
+    ap.add_argument("--against", default=None, metavar="DIR",
+                    help="compare with another checkout of this project (e.g. `git worktree add /tmp/old COMMIT`)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds for --against")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.params:
@@ -139,27 +194,17 @@ def main():
                        args.steps, args.device, args.batch, args.profile, args.compile)
         print("ROW " + json.dumps(row))
         return
+    if args.against:
+        return compare(args)
     rows = []
     print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'ms/step':>10s} {'it/s':>7s} {'peak GB':>8s} {'vs authors':>10s}")
     for preset in args.presets:
         for ci_fn in args.ci_fns:
             for seq_len in args.seq_lens:
-                cmd = [sys.executable, __file__, "--_one", preset, ci_fn or "-", str(seq_len or "-"),
-                       "--steps", str(args.steps), "--device", args.device]
-                if args.batch:
-                    cmd += ["--batch", str(args.batch)]
-                cmd += ["--profile"] * args.profile + ["--compile"] * args.compile
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                if args.profile:
-                    print(res.stderr)
-                line = [l for l in res.stdout.splitlines() if l.startswith("ROW ")]
-                if not line:
-                    why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit code {res.returncode}"
-                    if res.returncode == -9:
-                        why += " (killed: out of memory?)"
-                    print(f"{preset:14s} {ci_fn or 'preset':9s} {str(seq_len or '-'):>5s} failed: {why}", flush=True)
+                r = run_child(HERE, preset, ci_fn, seq_len, args)
+                if isinstance(r, str):
+                    print(f"{preset:14s} {ci_fn or 'preset':9s} {str(seq_len or '-'):>5s} failed: {r}", flush=True)
                     continue
-                r = json.loads(line[0][4:])
                 rows.append(r)
                 ratio = f"{r['reference_ms'] / r['ms_per_step']:.1f}x" if r["reference_ms"] else "-"
                 print(f"{preset:14s} {r['ci_fn']:9s} {str(seq_len or '-'):>5s} {r['ms_per_step']:10.1f} "

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -1291,6 +1292,24 @@ def test_tms_5_2_id_recovers_features_and_the_identity(tmp_path):
     assert metrics["hidden_layers.0/n_large_subcomponents"] == 2
     for figure in ("tms_subcomponents.png", "tms_hidden_layers.0_subcomponents.png", "tms_networks.png"):
         assert (tmp_path / figure).exists(), figure
+
+
+def test_benchmark_against_another_checkout(tmp_path):
+    """benchmark.py --against DIR times both checkouts in alternating rounds (here this one against itself)."""
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    cmd = [sys.executable, str(here / "benchmark.py"), "--presets", "tms_5-2", "--steps", "1", "--rounds", "1"]
+    res = subprocess.run(cmd + ["--against", str(here), "--json", str(tmp_path / "ab.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    row = [line for line in res.stdout.splitlines() if line.startswith("tms_5-2")][0].split()
+    assert row[5].endswith("x") and len(row) == 7  # preset ci_fn seq other this speedup, then the one round
+    saved = json.loads((tmp_path / "ab.json").read_text())["ms_per_step"]["tms_5-2/None/None"]
+    assert len(saved["other"]) == len(saved["this"]) == 1
+    res = subprocess.run(cmd + ["--against", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "no benchmark.py there" in res.stderr
 
 
 def test_benchmark_params_count_matches_a_hand_count():

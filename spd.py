@@ -236,8 +236,8 @@ _SPARE: list[torch.Tensor] = []  # flat buffers for _buffer to hand out again
 def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor of `shape` for Γ's hidden activations, in the memory of an earlier
     call's buffer once nothing else holds it (no autograd graph saved it: `_use_count` is 1). On a
-    CPU, fresh megabytes on every step cost page faults (about 400 per TMS 5-2 step), and those
-    cost more than the ops that fill them."""
+    CPU, fresh megabytes on every step cost page faults, and those cost more than the ops that
+    fill them (TMS 5-2)."""
     n = math.prod(shape)
     free = [b for b in _SPARE if b._use_count() == 1 and b.device == like.device and b.dtype == like.dtype]
     fits = [b for b in free if b.numel() >= n]

@@ -1,0 +1,571 @@
+"""Side by side with the authors' code: the same target, parameters, batch and masks in both codes.
+
+The authors' code (github.com/goodfire-ai/spd, branch spd-paper, commit c6314c9f) is a measuring
+instrument here, never a dependency: it runs in its own virtual environment, in a subprocess, and
+nothing of it is copied. Its package is also called `spd`, so the two never share a process: this
+file's "ours" half imports this project, its "theirs" half (the hidden `_theirs` command) only the
+authors' package, found through --ref.
+
+    python parity.py step --model tms_5-2 --ref ../ref/spd --ref_python ../ref/venv/bin/python
+    python parity.py step --model resid_mlp1 ... --fixture fixtures/parity_resid_mlp1.json
+    python parity.py train --model tms_5-2 --seed 0 --ref ... --ref_python ... --out runs/parity/theirs_tms_5-2_s0
+
+`step`: one optimisation step of the authors' own `optimize` (steps=1) and of ours on identical
+inputs; prints every causal importance, loss term, gradient and updated parameter side by side.
+`train`: a full decomposition by the authors' `optimize` of our preset target, written as a run
+folder of ours, so that `train.py --evaluate_only` measures it with our evaluation.
+
+Name and layout mapping (theirs -> ours), for matrix `name` (their key: name with "." -> "-"):
+    components.<key>.A [d_in, C]      = V^T   (their layer computes ((x A) * m) B + bias)
+    components.<key>.B [C, d_out]     = U^T
+    gates.<key>.mlp_in  [C, d_gate]   = ci_fns.<key>.w_in
+    gates.<key>.in_bias [C, d_gate]   = ci_fns.<key>.b_in
+    gates.<key>.mlp_out [C, d_gate]   = ci_fns.<key>.w_out
+    gates.<key>.out_bias [C]          = ci_fns.<key>.b_out
+Tied TMS weights: their linear2.A / B alias linear1's B^T / A^T (two Parameters, two Adam updates);
+ours store one (U, V) for linear1, and linear2 reads (V^T, U^T). Targets: their TMSModel's
+linear1.weight / linear2.bias / hidden_layers.i.weight and ResidualMLP's W_E / W_U (= W_E^T) /
+layers.i.mlp_in.weight / mlp_out.weight are ours under the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REF_COMMIT = "c6314c9f"
+MODELS = ("tms_5-2", "tms_5-2-id", "resid_mlp1")
+
+
+def their_key(name: str) -> str:
+    return name.replace(".", "-")
+
+
+# ================================================================================================
+# Ours: identical inputs from a seed, our step, the mapping to their names
+# ================================================================================================
+
+
+def make_inputs(model: str, seed: int = 0, batch_size: int | None = None, n_mask_samples: int = 1,
+                target_state: dict | None = None) -> dict:
+    """Everything one step needs, from `seed`: the target (untrained, built from its preset seed,
+    unless `target_state` is given), our initial U, V and CI parameters (the CI biases set to small
+    random values so that their mapping is tested too), a batch from the preset's data, and the
+    uniform draws r of every mask: r[loss][s][name] [B, C], loss 0 = stochastic recon, 1 = layerwise."""
+    import models
+    import spd
+    import train
+
+    cfg = spd.SPDConfig(**{**train.PRESETS[model], "n_mask_samples": n_mask_samples,
+                           **({"batch_size": batch_size} if batch_size else {})})
+    target, tcfg = models.build_target(model)
+    if target_state is not None:
+        target.load_state_dict(target_state)
+    g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        dec = spd.Decomposition(target, cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate)
+    with torch.no_grad():
+        for ci_fn in dec.ci_fns.values():
+            ci_fn.b_in.copy_(0.1 * torch.randn(ci_fn.b_in.shape, generator=g))
+            ci_fn.b_out.copy_(0.1 * torch.randn(ci_fn.b_out.shape, generator=g))
+    x = models.batch_fn(tcfg)(cfg.batch_size, g)
+    r = [[{n: torch.rand(cfg.batch_size, dec.C[n], generator=g) for n in dec.names}
+          for _ in range(cfg.n_mask_samples)] for _ in range(2)]
+    return {"model": model, "seed": seed, "cfg": cfg, "target": target, "tcfg": tcfg, "dec": dec, "x": x, "r": r}
+
+
+def to_theirs(dec) -> dict[str, torch.Tensor]:
+    """Our U, V and CI parameters under their names and layouts (table in the module docstring)."""
+    out = {}
+    for name in dec.names:
+        U, V = dec.UV(name)
+        k, ci = their_key(name), dec.ci_fns[name.replace(".", "/")]
+        out |= {f"components.{k}.A": V.T, f"components.{k}.B": U.T, f"gates.{k}.mlp_in": ci.w_in,
+                f"gates.{k}.in_bias": ci.b_in, f"gates.{k}.mlp_out": ci.w_out, f"gates.{k}.out_bias": ci.b_out}
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}  # copies: the caller may change dec
+
+
+def load_theirs(dec, state: dict[str, torch.Tensor]) -> None:
+    """Their trained components and gates (a `model_<step>.pth` state dict) into our Decomposition.
+    A tied matrix (TMS linear2) is read from its partner, which their aliasing keeps equal to it."""
+    with torch.no_grad():
+        for name in dec.names:
+            k, ci = their_key(name), dec.ci_fns[name.replace(".", "/")]
+            if name not in dec.tied:
+                comp = dec.components[name.replace(".", "/")]
+                comp.V.copy_(state[f"components.{k}.A"].T)
+                comp.U.copy_(state[f"components.{k}.B"].T)
+            ci.w_in.copy_(state[f"gates.{k}.mlp_in"])
+            ci.b_in.copy_(state[f"gates.{k}.in_bias"])
+            ci.w_out.copy_(state[f"gates.{k}.mlp_out"])
+            ci.b_out.copy_(state[f"gates.{k}.out_bias"])
+
+
+def target_to_theirs(model: str, target) -> dict:
+    """Our target's weights and their model class's config."""
+    tcfg = {k: v for k, v in target.state_dict().items()}
+    if model.startswith("tms"):
+        cfg = {"n_features": target.linear1.in_features, "n_hidden": target.linear1.out_features,
+               "n_hidden_layers": len(target.hidden_layers), "tied_weights": True, "init_bias_to_zero": False,
+               "device": "cpu"}
+        state = {"linear1.weight": target.linear1.weight.detach(), "linear2.weight": target.linear1.weight.detach().T,
+                 "linear2.bias": target.linear2.bias.detach()}
+        state |= {f"hidden_layers.{i}.weight": l.weight.detach() for i, l in enumerate(target.hidden_layers)}
+        return {"family": "tms", "config": cfg, "state": state}
+    assert model.startswith("resid_mlp"), model
+    cfg = {"n_features": target.W_E.shape[0], "d_embed": target.W_E.shape[1], "d_mlp": target.layers[0].mlp_in.out_features,
+           "n_layers": len(target.layers), "act_fn_name": "relu", "in_bias": False, "out_bias": False}
+    state = {"W_E": target.W_E.detach(), "W_U": target.W_E.detach().T.contiguous()}
+    for i, layer in enumerate(target.layers):
+        state |= {f"layers.{i}.mlp_in.weight": layer.mlp_in.weight.detach(),
+                  f"layers.{i}.mlp_out.weight": layer.mlp_out.weight.detach()}
+    del tcfg
+    return {"family": "resid_mlp", "config": cfg, "state": state}
+
+
+def their_config(model: str, cfg, seed: int, steps: int) -> dict:
+    """Their Config for our preset: the values of their yaml for that experiment (the paper's), the
+    steps asked for, wandb and figures off (figures draw extra batches from the RNG and cost time)."""
+    common = dict(wandb_project=None, seed=seed, C=cfg.C, n_mask_samples=cfg.n_mask_samples,
+                  n_ci_mlp_neurons=cfg.d_gate, target_module_patterns=list(cfg.targets), faithfulness_coeff=1.0,
+                  stochastic_recon_coeff=1.0, stochastic_recon_layerwise_coeff=1.0,
+                  importance_minimality_coeff=cfg.importance_minimality, pnorm=cfg.p, output_loss_type="mse",
+                  batch_size=cfg.batch_size, steps=steps, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
+                  lr_warmup_pct=cfg.lr_warmup_pct, n_eval_steps=100, image_freq=None, print_freq=1000, save_freq=None)
+    if model.startswith("tms"):
+        return common | {"pretrained_model_class": "spd.experiments.tms.models.TMSModel",
+                         "task_config": {"task_name": "tms", "feature_probability": 0.05,
+                                         "data_generation_type": "at_least_zero_active"}}
+    return common | {"out_recon_coeff": 0.0,  # as their resid yaml: computed, weight 0
+                     "pretrained_model_class": "spd.experiments.resid_mlp.models.ResidualMLP",
+                     "task_config": {"task_name": "residual_mlp", "feature_probability": 0.01,
+                                     "data_generation_type": "at_least_zero_active"}}
+
+
+def our_step(inp: dict, tied_updates: str = "shared") -> dict:
+    """Our causal importances, losses, gradients and one AdamW step on `inp`, under their names."""
+    import spd
+
+    dec, cfg, x = inp["dec"], inp["cfg"], inp["x"]
+    state0 = {k: v.clone() for k, v in dec.state_dict().items()}
+    try:
+        if tied_updates != dec_tied_mode(dec):
+            dec = rebuild(inp, tied_updates)
+        acts = dec.target_forward(x)[1]
+        with torch.no_grad():
+            lower, upper = dec.causal_importance(acts)
+        live = spd.live_rows(acts)
+        with fixed_draws(inp["r"], live):
+            losses = spd.spd_losses(dec, x, cfg, cfg.p)
+        opt = spd.make_optimizer(dec, cfg)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        grads = grads_as_theirs(dec)
+        opt.step()
+        return {"ci": {n: lower[n] for n in dec.names}, "ci_upper": {n: upper[n] for n in dec.names},
+                "losses": {k: v.item() for k, v in losses.items()}, "grads": grads, "params": to_theirs(dec)}
+    finally:
+        inp["dec"].load_state_dict(state0)
+
+
+def dec_tied_mode(dec) -> str:
+    return "separate" if dec._aliases else "shared"
+
+
+def rebuild(inp: dict, tied_updates: str):
+    """The same decomposition (same values) with the other tied-update mode."""
+    import spd
+
+    cfg, old = inp["cfg"], inp["dec"]
+    dec = spd.Decomposition(inp["target"], cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate,
+                            tied_updates=tied_updates).to(inp["x"].dtype)
+    dec.load_state_dict(old.state_dict())
+    return dec
+
+
+def grads_as_theirs(dec) -> dict[str, torch.Tensor]:
+    """Gradients under their names. A tied matrix: with tied_updates="separate" each use's own
+    gradient (as their two aliased Parameters); with "shared" both uses summed into linear1's."""
+    out = {}
+    for name in dec.names:
+        k, ci = their_key(name), dec.ci_fns[name.replace(".", "/")]
+        if name not in dec.tied or dec._aliases:  # else its U, V gradient is part of its partner's
+            U, V = dec.UV(name)
+            out |= {f"components.{k}.A": V.grad.T, f"components.{k}.B": U.grad.T}
+        out |= {f"gates.{k}.mlp_in": ci.w_in.grad, f"gates.{k}.in_bias": ci.b_in.grad,
+                f"gates.{k}.mlp_out": ci.w_out.grad, f"gates.{k}.out_bias": ci.b_out.grad}
+    return out
+
+
+class fixed_draws:
+    """Within the block, torch.rand_like returns the prepared uniform draws r in the order spd_losses
+    draws its masks (stochastic recon's S samples, then the layerwise loss's, each over dec.names),
+    restricted to the live rows where the loss passes hold only those (spd.live_rows)."""
+
+    def __init__(self, r: list, live: torch.Tensor | None):
+        self.queue = [d[n] for loss in r for d in loss for n in d]
+        self.live = live
+
+    def __enter__(self):
+        self.orig = torch.rand_like
+
+        def rand_like(t, *a, **kw):
+            r = self.queue.pop(0)
+            r = r[self.live] if self.live is not None and r.shape[0] != t.shape[0] else r
+            assert r.shape == t.shape, (r.shape, t.shape)
+            return r.to(t)
+
+        torch.rand_like = rand_like
+        return self
+
+    def __exit__(self, *exc):
+        torch.rand_like = self.orig
+        assert exc[0] is not None or not self.queue, f"{len(self.queue)} prepared mask draws were not used"
+
+
+# --- summaries: what a fixture stores, and what compare() compares
+
+def summary(t: torch.Tensor, key: str, n_probes: int = 3, full_below: int = 64) -> dict:
+    """A tensor as its shape, sum, norm, inner products with seeded N(0, 1) probes (one wrong entry
+    moves one of them), and its values when small."""
+    t = t.detach().double().flatten()
+    g = torch.Generator().manual_seed(sum(map(ord, key)))
+    probes = torch.randn(n_probes, t.numel(), generator=g, dtype=torch.float64)
+    out = {"numel": t.numel(), "sum": t.sum().item(), "norm": t.norm().item(), "probes": (probes @ t).tolist()}
+    if t.numel() <= full_below:
+        out["values"] = t.tolist()
+    return out
+
+
+def compare_summaries(ours: dict, theirs: dict, rtol: float = 1e-5) -> float:
+    """Largest difference between two summaries, relative to the tensor's norm (0 for equal ones)."""
+    assert ours["numel"] == theirs["numel"], (ours["numel"], theirs["numel"])
+    scale = max(theirs["norm"], 1e-30)
+    diffs = [abs(ours["norm"] - theirs["norm"]), abs(ours["sum"] - theirs["sum"]) / math.sqrt(ours["numel"])]
+    diffs += [abs(a - b) / math.sqrt(ours["numel"]) for a, b in zip(ours["probes"], theirs["probes"])]
+    if "values" in theirs:
+        diffs.append(max(abs(a - b) for a, b in zip(ours["values"], theirs["values"])))
+    return max(diffs) / scale
+
+
+def summed_tied_grads(theirs: dict, tied: dict[str, str]) -> dict:
+    """Their result with each tied pair's gradients summed into the partner's, as our shared (U, V)
+    receives them: dL/dV^T = linear1.A.grad + linear2.B.grad^T, dL/dU^T = linear1.B.grad + linear2.A.grad^T."""
+    grads = dict(theirs["grads"])
+    for s, t in tied.items():
+        ks, kt = their_key(s), their_key(t)
+        grads[f"components.{kt}.A"] = grads[f"components.{kt}.A"] + grads.pop(f"components.{ks}.B").T
+        grads[f"components.{kt}.B"] = grads[f"components.{kt}.B"] + grads.pop(f"components.{ks}.A").T
+    return {**theirs, "grads": grads}
+
+
+def summarise(result: dict) -> dict:
+    """A step result (ours or theirs) as summaries keyed "ci/<name>", "grad/<param>", "param/<param>"."""
+    out = {"losses": result["losses"]}
+    for group, tensors in (("ci", result["ci"]), ("ci_upper", result["ci_upper"]), ("grad", result["grads"]),
+                           ("param", result["params"])):
+        for k, t in tensors.items():
+            out[f"{group}/{k}"] = summary(t, f"{group}/{k}")
+    return out
+
+
+LOSS_NAMES = {"faithfulness": "loss/faithfulness", "stochastic_recon": "loss/stochastic_recon",
+              "stochastic_recon_layerwise": "loss/stochastic_recon_layerwise",
+              "importance_minimality": "loss/importance_minimality", "total": "loss/total"}
+
+
+def compare(a: dict, b: dict) -> dict[str, float]:
+    """{quantity: relative difference} for every loss and every tensor summary both have."""
+    rows = {f"loss {k}": abs(a["losses"][k] - v) / max(abs(v), 1e-30) for k, v in b["losses"].items()}
+    return rows | {k: compare_summaries(a[k], b[k]) for k in sorted(b) if k != "losses" and k in a}
+
+
+def in_double(inp: dict) -> dict:
+    """A float64 copy of the inputs: the rounding-free value both float32 codes approximate."""
+    import copy
+
+    out = copy.deepcopy(inp)
+    out["dec"].double()
+    out["x"] = out["x"].double()
+    out["r"] = [[{n: r.double() for n, r in d.items()} for d in loss] for loss in out["r"]]
+    return out
+
+
+# ================================================================================================
+# The two halves talk through files; these run their half in its own interpreter
+# ================================================================================================
+
+
+def run_theirs(command: str, job: dict, ref: str, ref_python: str) -> None:
+    """Runs `python parity.py _theirs COMMAND JOB_FILE` in the authors' environment."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "job.pt"
+        torch.save(job, path)
+        env = {**os.environ, "PYTHONPATH": str(Path(ref).resolve()), "WANDB_MODE": "disabled"}
+        quiet = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if command == "step" else {}
+        done = subprocess.run([ref_python, str(Path(__file__).resolve()), "_theirs", command, str(path)], env=env,
+                              cwd=tmp, **quiet)
+        if done.returncode:
+            raise SystemExit(f"the authors' code failed ({command}):\n{(done.stdout or '')[-3000:]}")
+
+
+def step_job(inp: dict) -> dict:
+    cfg = inp["cfg"]
+    return {"target": target_to_theirs(inp["model"], inp["target"]), "params": to_theirs(inp["dec"]),
+            "config": their_config(inp["model"], cfg, inp["seed"], steps=1), "x": inp["x"], "r": inp["r"],
+            "tied": bool(inp["dec"].tied)}
+
+
+def cmd_step(args) -> None:
+    torch.set_num_threads(args.threads)
+    inp = make_inputs(args.model, args.seed, args.batch_size, args.n_mask_samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        job = step_job(inp) | {"result": str(Path(tmp) / "theirs.pt")}
+        run_theirs("step", job, args.ref, args.ref_python)
+        theirs = torch.load(job["result"], weights_only=True)
+    theirs["losses"] = {k: theirs["losses"][v] for k, v in LOSS_NAMES.items()}  # their names -> ours
+    their_sum = summarise(theirs)
+    tied = inp["dec"].tied
+    import train
+
+    report = {"model": args.model, "seed": args.seed, "batch_size": inp["cfg"].batch_size, "code": train.code_version(),
+              "n_mask_samples": inp["cfg"].n_mask_samples, "ref_commit": REF_COMMIT, "torch": torch.__version__,
+              "command": "python parity.py " + " ".join(sys.argv[1:]), "theirs": their_sum, "rows": {}}
+    if tied:
+        report["theirs_summed_tied_grads"] = {k: v for k, v in summarise(summed_tied_grads(theirs, tied)).items()
+                                              if k.startswith("grad/")}
+    for mode in (("shared", "separate") if tied else ("shared",)):
+        reference = their_sum | (report["theirs_summed_tied_grads"] if mode == "shared" and tied else {})
+        ours, exact = summarise(our_step(inp, mode)), summarise(our_step(in_double(inp), mode))
+        rows = {"ours vs theirs": compare(ours, reference), "ours vs float64": compare(ours, exact),
+                "theirs vs float64": compare(reference, exact)}
+        report["rows"][mode] = rows
+        print(f"\n{args.model}, tied_updates={mode}: relative differences (norm-relative for tensors)")
+        print(f"  {'quantity':<44s} {'ours':>14s} " + " ".join(f"{c:>17s}" for c in rows))
+        for q in rows["ours vs theirs"]:
+            value = ours["losses"][q[5:]] if q.startswith("loss ") else ours[q]["norm"]
+            print(f"  {q:<44s} {value:>14.7g} " + " ".join(f"{rows[c][q]:>17.1e}" for c in rows))
+    if args.fixture:
+        Path(args.fixture).parent.mkdir(parents=True, exist_ok=True)
+        fixture = {k: v for k, v in report.items() if k != "rows"}
+        Path(args.fixture).write_text(json.dumps(fixture, indent=1))
+        print(f"fixture written: {args.fixture}")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps({k: v for k, v in report.items() if k != "theirs"}, indent=1))
+
+
+def cmd_train(args) -> None:
+    """Their optimize on our preset target (trained or loaded by train.py's cache), written as our run."""
+    import spd
+    import train
+
+    torch.set_num_threads(args.threads)
+    targs = train.parse_args(["--model", args.model, "--no_progress", *args.target_args])
+    target, tcfg = train.get_target(targs, torch.device("cpu"))
+    cfg = train.spd_config(targs)
+    steps = args.steps or cfg.steps
+    cfg = spd.SPDConfig(**{**vars(cfg), "steps": steps, "seed": args.seed})
+    out = Path(args.out)
+    if (out / "metrics.json").exists():
+        raise SystemExit(f"{out} holds a finished run; pass another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    job = {"target": target_to_theirs(args.model, target), "config": their_config(args.model, cfg, args.seed, steps),
+           "out_dir": str((out / "theirs").resolve()), "tied": bool(getattr(target, "tied_weights", None))}
+    t0 = time.time()
+    run_theirs("train", job, args.ref, args.ref_python)
+    seconds = time.time() - t0
+    state = torch.load(out / "theirs" / f"model_{steps}.pth", map_location="cpu", weights_only=True)
+    dec = spd.Decomposition(target, cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate)
+    load_theirs(dec, state)
+    losses = json.loads((out / "theirs" / "final_losses.json").read_text())
+    run_config = {"model": args.model, "spd": vars(cfg), "target": tcfg, "code": train.code_version(),
+                  "theirs": {"commit": REF_COMMIT, "config": job["config"]}}
+    spd.save(dec, out, run_config, steps)
+    (out / "metrics.json").write_text(json.dumps({"final_losses": losses, "seconds": seconds,
+                                                  "ms_per_step": 1000 * seconds / steps}))
+    print(f"their decomposition written to {out}; evaluate it with:\n  python train.py --model {args.model} "
+          f"--seed {args.seed} --steps {steps} {' '.join(args.target_args)} --out {out} --evaluate_only")
+
+
+# ================================================================================================
+# Theirs: runs in the authors' environment only (their `spd` package on PYTHONPATH)
+# ================================================================================================
+
+
+def _their_target(job: dict):
+    t = job["target"]
+    if t["family"] == "tms":
+        from spd.experiments.tms.models import TMSModel, TMSModelConfig
+
+        model = TMSModel(TMSModelConfig(**t["config"]))
+    else:
+        from spd.experiments.resid_mlp.models import ResidualMLP, ResidualMLPConfig
+
+        model = ResidualMLP(ResidualMLPConfig(**t["config"]))
+    model.load_state_dict(t["state"])
+    if t["family"] == "tms":
+        model.tie_weights_()
+        for layer in model.hidden_layers or []:
+            layer.weight.requires_grad_(False)
+    return model.eval()
+
+
+def _their_loader(job: dict):
+    from spd.data_utils import DatasetGeneratedDataLoader, SparseFeatureDataset
+
+    cfg = job["config"]
+    if job["target"]["family"] == "tms":
+        dataset = SparseFeatureDataset(n_features=job["target"]["config"]["n_features"],
+                                       feature_probability=cfg["task_config"]["feature_probability"], device="cpu",
+                                       data_generation_type="at_least_zero_active", value_range=(0.0, 1.0))
+    else:
+        from spd.experiments.resid_mlp.resid_mlp_dataset import ResidualMLPDataset
+
+        dataset = ResidualMLPDataset(n_features=job["target"]["config"]["n_features"],
+                                     feature_probability=cfg["task_config"]["feature_probability"], device="cpu",
+                                     calc_labels=False, label_type=None, act_fn_name=None, label_fn_seed=None,
+                                     label_coeffs=None, data_generation_type="at_least_zero_active")
+    return DatasetGeneratedDataLoader(dataset, batch_size=cfg["batch_size"], shuffle=False)
+
+
+def _theirs_step(job: dict) -> None:
+    """Their `optimize` for one step on the job's parameters, batch and mask draws; records what
+    their code computed: causal importances, loss terms, gradients (at optimizer.step) and the
+    parameters after the step (their checkpoint model_1.pth)."""
+    import spd.losses
+    import spd.run_spd as run_spd
+    from spd.configs import Config
+
+    record = {}
+    draws = [dict(d) for loss in job["r"] for d in loss]  # stochastic recon's samples, then layerwise's
+    S = len(job["r"][0])
+
+    def fixed_masks(causal_importances, n_mask_samples):  # their formula, with the prepared draws r
+        assert n_mask_samples == S
+        if not draws:  # the final logging-only iteration (step == steps): any masks do
+            return [{k: ci + (1 - ci) * torch.rand_like(ci) for k, ci in causal_importances.items()}
+                    for _ in range(S)]
+        taken = [draws.pop(0) for _ in range(S)]
+        return [{k: ci + (1 - ci) * d[k] for k, ci in causal_importances.items()} for d in taken]
+
+    def load_params(model, components):  # in place of their random init_As_and_Bs_
+        state = model.state_dict()
+        for k, v in job["params"].items():
+            state[k].copy_(v)
+
+    calc_ci, calc_losses = run_spd.calc_causal_importances, run_spd.calculate_losses
+
+    def record_ci(**kw):
+        lower, upper = calc_ci(**kw)
+        record.setdefault("ci", {k: v.detach().clone() for k, v in lower.items()})
+        record.setdefault("ci_upper", {k: v.detach().clone() for k, v in upper.items()})
+        return lower, upper
+
+    def record_losses(**kw):
+        total, terms = calc_losses(**kw)
+        record.setdefault("losses", {**terms, "loss/total": total.item()})
+        return total, terms
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, *a, **kw):
+            if "grads" not in record:
+                names = {id(p): n for n, p in model_ref["model"].named_parameters()}
+                record["grads"] = {names[id(p)]: p.grad.detach().clone() for group in self.param_groups
+                                   for p in group["params"] if p.grad is not None}
+            return super().step(*a, **kw)
+
+    model_ref = {}
+    orig_cm = run_spd.ComponentModel
+
+    def capture_model(*a, **kw):
+        model_ref["model"] = orig_cm(*a, **kw)
+        return model_ref["model"]
+
+    spd.losses.calc_stochastic_masks = fixed_masks
+    run_spd.init_As_and_Bs_ = load_params
+    run_spd.calc_causal_importances = record_ci
+    run_spd.calculate_losses = record_losses
+    run_spd.optim.AdamW = RecordingAdamW
+    run_spd.ComponentModel = capture_model
+    batch = job["x"]
+    loader = [(batch, batch), (batch, batch)]  # step 0 trains, step 1 (= steps) only logs and saves
+    out_dir = Path(job["result"]).parent
+    run_spd.optimize(target_model=_their_target(job), config=Config(**job["config"]), device="cpu",
+                     train_loader=loader, eval_loader=loader, n_eval_steps=1, out_dir=out_dir,
+                     tied_weights=[("linear1", "linear2")] if job["tied"] else None)
+    state = torch.load(out_dir / "model_1.pth", weights_only=True)
+    record["params"] = {k: v for k, v in state.items() if k in job["params"]}
+    torch.save(record, job["result"])
+
+
+def _theirs_train(job: dict) -> None:
+    """Their decomposition script's path (set_seed, their dataset, optimize) on our target."""
+    import spd.run_spd as run_spd
+    from spd.configs import Config
+    from spd.utils import set_seed
+
+    config = Config(**job["config"])
+    set_seed(config.seed)
+    out_dir = Path(job["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = {}
+    calc_losses = run_spd.calculate_losses
+
+    def record_losses(**kw):  # keeps the last step's terms for our metrics.json
+        total, terms = calc_losses(**kw)
+        final.clear()
+        final.update({k.removeprefix("loss/"): v for k, v in terms.items()}, total=total.item())
+        return total, terms
+
+    run_spd.calculate_losses = record_losses
+    loader = _their_loader(job)
+    run_spd.optimize(target_model=_their_target(job), config=config, device="cpu", train_loader=loader,
+                     eval_loader=loader, n_eval_steps=config.n_eval_steps, out_dir=out_dir,
+                     tied_weights=[("linear1", "linear2")] if job["tied"] else None)
+    (out_dir / "final_losses.json").write_text(json.dumps(final))
+
+
+def main(argv=None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_theirs":  # the authors' environment
+        sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+        job = torch.load(sys.argv[3], weights_only=True)
+        if sys.argv[2] == "step":
+            _theirs_step(job)
+        else:
+            _theirs_train(job)
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("step", "train"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", required=True, choices=MODELS)
+        p.add_argument("--ref", required=True, help="checkout of goodfire-ai/spd at c6314c9f")
+        p.add_argument("--ref_python", required=True, help="python of the virtual environment their code runs in")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=1)
+    step = sub.choices["step"]
+    step.add_argument("--batch_size", type=int)
+    step.add_argument("--n_mask_samples", type=int, default=1)
+    step.add_argument("--fixture", help="write the authors' numbers here (a JSON file for test_parity.py)")
+    step.add_argument("--report", help="write the side-by-side rows here (JSON)")
+    tr = sub.choices["train"]
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--steps", type=int, help="default: the preset's")
+    tr.add_argument("--target_args", nargs="*", default=[], help="train.py target flags, e.g. --target_seed 10")
+    args = ap.parse_args(argv)
+    (cmd_step if args.command == "step" else cmd_train)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@
     python benchmark.py --presets tms_5-2 --compile   # spd_losses under torch.compile (an experiment)
     python benchmark.py --presets gpt2 --ci_fns scalar vector attention --params   # will it fit? (counts only)
     python benchmark.py --presets tms_5-2 --against /tmp/old --rounds 8   # speedup over another checkout
+    python benchmark.py --presets tms_5-2 --reference ../ref/spd --reference_python ../ref/venv/bin/python
 
 Each (preset, CI function, sequence length) runs in its own subprocess, so the peak memory is
 that configuration's alone (RSS on CPU, torch.cuda.max_memory_allocated on GPU). A step is the
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 REFERENCE_MS = {"tms_5-2": 19.0, "tms_5-2-id": 31.0, "resid_mlp1": 120.0, "resid_mlp3": 15_800.0}
+REFERENCE_PRESETS = ("tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2", "resid_mlp3")
 TOY = ["tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2", "resid_mlp3"]
 
 
@@ -133,31 +135,58 @@ def run_child(checkout: Path, preset, ci_fn, seq_len, args) -> dict | str:
     return why + " (killed: out of memory?)" if res.returncode == -9 else why
 
 
+def run_reference(preset, args) -> dict | str:
+    """The authors' optimisation step (parity.their_step_times: their code in its own environment)
+    on this preset, as a row like run_child's."""
+    import parity
+
+    if preset not in REFERENCE_PRESETS:
+        return f"--reference times {', '.join(REFERENCE_PRESETS)} only"
+    try:
+        r = parity.their_step_times(preset, args.steps + 1, args.reference, args.reference_python)
+    except SystemExit as e:
+        return str(e).splitlines()[-1]
+    times = r["times"][1:]  # one more warm-up step, as time_one's two
+    return {"ms_per_step": statistics.median(times) * 1000, "peak_gb": r["peak_bytes"] / 1e9}
+
+
 def compare(args) -> None:
-    """This checkout against another one (say a git worktree of an older commit), in alternating
-    rounds on the same machine, so that its drift over minutes hits both alike: per preset the
-    median ms/step of each, and the median over rounds of the per-round ratio other / this."""
-    other = Path(args.against).resolve()
-    if not (other / "benchmark.py").exists():
-        raise SystemExit(f"--against {other}: no benchmark.py there; pass a checkout of this project")
-    runs = {(p, c, s): {"other": [], "this": []} for p in args.presets for c in args.ci_fns for s in args.seq_lens}
+    """This checkout against another one (say a git worktree of an older commit), or against the
+    authors' code (--reference), in alternating rounds on the same machine, so that its drift over
+    minutes hits both alike: per preset the median ms/step of each, the median over rounds of the
+    per-round ratio other / this, and each one's peak memory."""
+    if args.reference:
+        if not (Path(args.reference) / "spd" / "run_spd.py").exists() or not args.reference_python:
+            raise SystemExit(f"--reference {args.reference}: pass a checkout of goodfire-ai/spd (spd-paper) "
+                             "and --reference_python, the python of the environment it runs in")
+        other, run_other = f"the authors' code in {args.reference}", lambda p, c, s: run_reference(p, args)
+    else:
+        other = Path(args.against).resolve()
+        if not (other / "benchmark.py").exists():
+            raise SystemExit(f"--against {other}: no benchmark.py there; pass a checkout of this project")
+        run_other = lambda p, c, s: run_child(other, p, c, s, args)  # noqa: E731
+    runs = {(p, c, s): {"other": [], "this": [], "peak_gb": {}} for p in args.presets for c in args.ci_fns
+            for s in args.seq_lens}
     for i in range(args.rounds):
         for (preset, ci_fn, seq_len), ms in runs.items():
-            for name, checkout in (("other", other), ("this", HERE))[:: 1 if i % 2 == 0 else -1]:
-                r = run_child(checkout, preset, ci_fn, seq_len, args)
+            for name in ("other", "this")[:: 1 if i % 2 == 0 else -1]:
+                r = run_other(preset, ci_fn, seq_len) if name == "other" else run_child(HERE, preset, ci_fn, seq_len, args)
                 if isinstance(r, str):
-                    raise SystemExit(f"{preset} in {checkout} failed: {r}")
+                    raise SystemExit(f"{preset} ({name}) failed: {r}")
                 ms[name].append(r["ms_per_step"])
+                ms["peak_gb"][name] = max(ms["peak_gb"].get(name, 0.0), r["peak_gb"])
         print(f"round {i + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-    print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'other ms':>9s} {'this ms':>8s} {'speedup':>8s}  per round")
+    print(f"other: {other}; threads: {torch.get_num_threads()}")
+    print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'other ms':>9s} {'this ms':>8s} {'speedup':>8s} "
+          f"{'other GB':>8s} {'this GB':>8s}  per round")
     for (preset, ci_fn, seq_len), ms in runs.items():
         ratios = [o / t for o, t in zip(ms["other"], ms["this"])]
         print(f"{preset:14s} {ci_fn or 'preset':9s} {str(seq_len or '-'):>5s} {statistics.median(ms['other']):9.1f} "
-              f"{statistics.median(ms['this']):8.1f} {statistics.median(ratios):7.2f}x  "
-              + " ".join(f"{r:.2f}" for r in ratios))
+              f"{statistics.median(ms['this']):8.1f} {statistics.median(ratios):7.2f}x {ms['peak_gb']['other']:8.2f} "
+              f"{ms['peak_gb']['this']:8.2f}  " + " ".join(f"{r:.2f}" for r in ratios))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"other": str(other), "this": str(HERE), "args": vars(args),
+            json.dump({"other": str(other), "this": str(HERE), "threads": torch.get_num_threads(), "args": vars(args),
                        "ms_per_step": {"/".join(map(str, k)): v for k, v in runs.items()}}, f, indent=1)
 
 
@@ -176,7 +205,11 @@ def main():
                     help="only count the trained parameters and their fp32 training state (nothing is run)")
     ap.add_argument("--against", default=None, metavar="DIR",
                     help="compare with another checkout of this project (e.g. `git worktree add /tmp/old COMMIT`)")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds for --against")
+    ap.add_argument("--reference", default=None, metavar="DIR",
+                    help="compare with the authors' code: a checkout of goodfire-ai/spd at spd-paper (c6314c9f)")
+    ap.add_argument("--reference_python", default=None, metavar="PY",
+                    help="with --reference: the python of the virtual environment their code runs in")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds for --against / --reference")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.params:
@@ -194,7 +227,7 @@ def main():
                        args.steps, args.device, args.batch, args.profile, args.compile)
         print("ROW " + json.dumps(row))
         return
-    if args.against:
+    if args.against or args.reference:
         return compare(args)
     rows = []
     print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'ms/step':>10s} {'it/s':>7s} {'peak GB':>8s} {'vs authors':>10s}")

@@ -306,13 +306,13 @@ def in_double(inp: dict) -> dict:
 # ================================================================================================
 
 
-def run_theirs(command: str, job: dict, ref: str, ref_python: str) -> None:
+def run_theirs(command: str, job: dict, ref: str, ref_python: str, env: dict | None = None) -> None:
     """Runs `python parity.py _theirs COMMAND JOB_FILE` in the authors' environment."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "job.pt"
         torch.save(job, path)
-        env = {**os.environ, "PYTHONPATH": str(Path(ref).resolve()), "WANDB_MODE": "disabled"}
-        quiet = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if command == "step" else {}
+        env = {**os.environ, "PYTHONPATH": str(Path(ref).resolve()), "WANDB_MODE": "disabled", **(env or {})}
+        quiet = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if command != "train" else {}
         done = subprocess.run([ref_python, str(Path(__file__).resolve()), "_theirs", command, str(path)], env=env,
                               cwd=tmp, **quiet)
         if done.returncode:
@@ -509,6 +509,50 @@ def _theirs_step(job: dict) -> None:
     torch.save(record, job["result"])
 
 
+def _theirs_time(job: dict) -> None:
+    """Their optimize for the job's steps on their own data; the wall time between consecutive
+    optimizer steps is one whole loop iteration (batch, target pass, CI, losses, backward, step)."""
+    import resource
+    import time
+
+    import spd.run_spd as run_spd
+    from spd.configs import Config
+
+    stamps = []
+
+    class TimedAdamW(torch.optim.AdamW):
+        def step(self, *a, **kw):
+            out = super().step(*a, **kw)
+            stamps.append(time.perf_counter())
+            return out
+
+    run_spd.optim.AdamW = TimedAdamW
+    loader = _their_loader(job)
+    run_spd.optimize(target_model=_their_target(job), config=Config(**job["config"]), device="cpu",
+                     train_loader=loader, eval_loader=loader, n_eval_steps=1, out_dir=None,
+                     tied_weights=[("linear1", "linear2")] if job["tied"] else None)
+    times = [b - a for a, b in zip(stamps, stamps[1:])]  # the first iteration (step 0 also logs) is left out
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(job["result"]).write_text(json.dumps({"times": times, "peak_bytes": peak, "threads": torch.get_num_threads()}))
+
+
+def their_step_times(model: str, steps: int, ref: str, ref_python: str) -> dict:
+    """Their whole-loop seconds per step on our untrained preset target (the cost does not depend on
+    the weights), at this process's thread count: {"times": [s, ...], "peak_bytes", "threads"}."""
+    import models
+    import spd
+    import train
+
+    cfg = spd.SPDConfig(**train.PRESETS[model])
+    target, _ = models.build_target(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"target": target_to_theirs(model, target), "config": their_config(model, cfg, 0, steps + 1),
+               "tied": bool(getattr(target, "tied_weights", None)), "result": str(Path(tmp) / "times.json")}
+        job["config"]["print_freq"] = 10**9  # step 0's logging only (outside the timed steps)
+        run_theirs("time", job, ref, ref_python, env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
+        return json.loads(Path(job["result"]).read_text())
+
+
 def _theirs_train(job: dict) -> None:
     """Their decomposition script's path (set_seed, their dataset, optimize) on our target."""
     import spd.run_spd as run_spd
@@ -540,10 +584,7 @@ def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_theirs":  # the authors' environment
         sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
         job = torch.load(sys.argv[3], weights_only=True)
-        if sys.argv[2] == "step":
-            _theirs_step(job)
-        else:
-            _theirs_train(job)
+        {"step": _theirs_step, "train": _theirs_train, "time": _theirs_time}[sys.argv[2]](job)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)

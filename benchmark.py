@@ -1,10 +1,11 @@
 """Speed of one SPD training step at each preset's paper hyperparameters.
 
-    python benchmark.py                          # toy presets: ms/step, peak memory, ratio to the authors' code
+    python benchmark.py                          # toy presets: ms/step and peak memory
     python benchmark.py --presets induction --seq_lens 16 64 1024 --ci_fns scalar vector attention
     python benchmark.py --presets gpt2           # GPT-2 small architecture, random weights (same cost)
     python benchmark.py --presets tms_5-2 --profile   # also where a step's time goes (torch.profiler)
     python benchmark.py --presets tms_5-2 --compile   # spd_losses under torch.compile (an experiment)
+    python benchmark.py --presets tms_5-2 --plain     # the plain spd_losses, without spd.py's section K
     python benchmark.py --presets gpt2 --ci_fns scalar vector attention --params   # will it fit? (counts only)
     python benchmark.py --presets tms_5-2 --against /tmp/old --rounds 8   # speedup over another checkout
     python benchmark.py --presets tms_5-2 --reference ../ref/spd --reference_python ../ref/venv/bin/python
@@ -12,8 +13,9 @@
 Each (preset, CI function, sequence length) runs in its own subprocess, so the peak memory is
 that configuration's alone (RSS on CPU, torch.cuda.max_memory_allocated on GPU). A step is the
 whole loop iteration: batch, target pass, CI, every loss, backward, optimizer step. Reported:
-the median over the timed steps after warm-up. The authors' code on a 2-core CPU (torch 2.13,
-../shared/reference/spd-paper-code-facts.md §11) took the REFERENCE_MS below.
+the median over the timed steps after warm-up. On a CPU it times what optimize runs there (spd.py
+section K; --plain: the plain spd_losses). --reference times the authors' code on the same machine
+in alternating rounds with this one (their code runs in its own environment: see parity.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-REFERENCE_MS = {"tms_5-2": 19.0, "tms_5-2-id": 31.0, "resid_mlp1": 120.0, "resid_mlp3": 15_800.0}
 REFERENCE_PRESETS = ("tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2", "resid_mlp3")
 TOY = ["tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2", "resid_mlp3"]
 
@@ -75,12 +76,13 @@ def count_one(preset: str, ci_fn: str | None, seq_len: int | None) -> dict:
             "uv_params": uv, "ci_params": ci, "state_gb": 16 * (uv + ci) / 1e9}
 
 
-def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, compile=False) -> dict:
+def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, compile=False, plain=False) -> dict:
     import spd
 
     device = torch.device(device_name)
     dec, cfg, sample = build(preset, ci_fn, seq_len, device, batch)
-    losses_fn = torch.compile(spd.spd_losses) if compile else spd.spd_losses
+    losses_fn = spd.spd_losses if plain or not spd.fast_path(dec) else spd.spd_losses_fast  # as optimize, unless --plain
+    losses_fn = torch.compile(losses_fn) if compile else losses_fn
     warmup = 10 if compile else 2  # torch.compile recompiles over the first steps
     opt = spd.make_optimizer(dec, cfg)
     times = []
@@ -111,7 +113,7 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
     return {"preset": preset, "ci_fn": cfg.ci_fn, "seq_len": seq_len, "batch": cfg.batch_size, "C": cfg.C,
             "d_gate": cfg.d_gate, "ms_per_step": ms, "it_per_s": 1000 / ms, "peak_gb": peak / 1e9,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-            "reference_ms": REFERENCE_MS.get(preset) if device.type == "cpu" else None}
+            "path": "plain" if plain or not spd.fast_path(dec) else "fast (spd.py section K)"}
 
 
 HERE = Path(__file__).resolve().parent
@@ -124,7 +126,7 @@ def run_child(checkout: Path, preset, ci_fn, seq_len, args) -> dict | str:
            "--steps", str(args.steps), "--device", args.device]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
-    cmd += ["--profile"] * args.profile + ["--compile"] * args.compile
+    cmd += ["--profile"] * args.profile + ["--compile"] * args.compile + ["--plain"] * args.plain
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout)
     if args.profile:
         print(res.stderr)
@@ -200,6 +202,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--profile", action="store_true", help="print where each configuration's step time goes")
+    ap.add_argument("--plain", action="store_true",
+                    help="time the plain spd_losses (spd.py sections A-J) instead of what optimize runs (on a CPU: section K)")
     ap.add_argument("--compile", action="store_true", help="time spd_losses under torch.compile (an experiment; train.py does not use it)")
     ap.add_argument("--params", action="store_true",
                     help="only count the trained parameters and their fp32 training state (nothing is run)")
@@ -224,13 +228,13 @@ def main():
     if args._one:  # child process: one configuration
         preset, ci_fn, seq_len = args._one
         row = time_one(preset, None if ci_fn == "-" else ci_fn, None if seq_len == "-" else int(seq_len),
-                       args.steps, args.device, args.batch, args.profile, args.compile)
+                       args.steps, args.device, args.batch, args.profile, args.compile, args.plain)
         print("ROW " + json.dumps(row))
         return
     if args.against or args.reference:
         return compare(args)
     rows = []
-    print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'ms/step':>10s} {'it/s':>7s} {'peak GB':>8s} {'vs authors':>10s}")
+    print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'ms/step':>10s} {'it/s':>7s} {'peak GB':>8s}  path")
     for preset in args.presets:
         for ci_fn in args.ci_fns:
             for seq_len in args.seq_lens:
@@ -239,9 +243,8 @@ def main():
                     print(f"{preset:14s} {ci_fn or 'preset':9s} {str(seq_len or '-'):>5s} failed: {r}", flush=True)
                     continue
                 rows.append(r)
-                ratio = f"{r['reference_ms'] / r['ms_per_step']:.1f}x" if r["reference_ms"] else "-"
                 print(f"{preset:14s} {r['ci_fn']:9s} {str(seq_len or '-'):>5s} {r['ms_per_step']:10.1f} "
-                      f"{r['it_per_s']:7.2f} {r['peak_gb']:8.2f} {ratio:>10s}", flush=True)
+                      f"{r['it_per_s']:7.2f} {r['peak_gb']:8.2f}  {r['path']}", flush=True)
     if rows:
         print(f"device: {rows[0]['device']}")
     if args.json:

@@ -152,8 +152,9 @@ def their_config(model: str, cfg, seed: int, steps: int) -> dict:
                                      "data_generation_type": "at_least_zero_active"}}
 
 
-def our_step(inp: dict, tied_updates: str = "shared") -> dict:
-    """Our causal importances, losses, gradients and one AdamW step on `inp`, under their names."""
+def our_step(inp: dict, tied_updates: str = "shared", fast: bool = True) -> dict:
+    """Our causal importances, losses, gradients and one AdamW step on `inp`, under their names;
+    fast: through spd_losses_fast (what optimize runs on a CPU), else the plain spd_losses."""
     import spd
 
     dec, cfg, x = inp["dec"], inp["cfg"], inp["x"]
@@ -165,8 +166,8 @@ def our_step(inp: dict, tied_updates: str = "shared") -> dict:
         with torch.no_grad():
             lower, upper = dec.causal_importance(acts)
         live = spd.live_rows(acts)
-        with fixed_draws(inp["r"], live):
-            losses = spd.spd_losses(dec, x, cfg, cfg.p)
+        with fixed_draws(inp["r"], live if fast else None):
+            losses = (spd.spd_losses_fast if fast else spd.spd_losses)(dec, x, cfg, cfg.p)
         opt = spd.make_optimizer(dec, cfg)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()

@@ -1,7 +1,7 @@
 """Stochastic Parameter Decomposition (SPD) in one file.
 
 Bushnaq, Braun & Sharkey (2025), "Stochastic Parameter Decomposition", arXiv 2506.20790,
-Algorithm 1 ("SPD Pseudocode"), with the transformer extensions of Christensen & Riggs Smith,
+SPD Algorithm 1 ("SPD Pseudocode"), with the transformer extensions of Christensen & Riggs Smith,
 "Decomposition of Small Transformer Models" (attention causal-importance function, CI-masked and
 partial reconstruction losses, p annealing, KL divergence, last-token-only).
 
@@ -10,19 +10,24 @@ rank-one subcomponents W^l = U^l V^l. For each input a causal-importance functio
 much each subcomponent may be ablated, and the losses train the subcomponents to be faithful,
 ablatable wherever they are unimportant, and unimportant as often as possible.
 
-Sections, in the order of Algorithm 1 (readers cite them by letter):
-  A  Config                         SPDConfig, the paper's defaults (appendix A.4)
-  B  Leaky hard sigmoids            eq. 14
-  C  Subcomponents                  U, V (eq. 1) and their initialisation
-  D  Causal-importance functions    Γ (eq. 6): scalar, vector, attention
-  E  Masks                          m = g + (1 - g) r, r ~ U(0, 1)
+Citations: "SPD eq. N" and "SPD Algorithm 1" are the SPD paper's (arXiv numbering; Algorithm 1 is
+its appendix A.6); "TP eq. N", "TP Algorithm 1" and "TP §N" are the transformer paper's.
+
+Sections, in the order of SPD Algorithm 1 (readers cite them by letter):
+  A  Config                         SPDConfig, the paper's defaults (SPD appendix A.4)
+  B  Leaky hard sigmoids            SPD eq. 14
+  C  Subcomponents                  U, V (SPD eq. 1) and their initialisation
+  D  Causal-importance functions    Γ: scalar (SPD eqs. 6, 13), vector and attention (TP §4.1)
+  E  Masks                          SPD eq. 3: m = g + (1 - g) r, r ~ U(0, 1)
   F  Decomposition                  target pass, pre-weight activations, masked forward passes
-  G  Losses                         faithfulness (eq. 2), stochastic recon (eq. 4), layerwise
-                                    (eq. 5), CI-masked and partial recon, importance minimality
-                                    (eq. 7), total (eq. 8); divergences D
-  H  Optimisation                   LR schedule, p annealing, one step, the loop
-  I  Metrics                        MMCS, ML2R (eqs. 9, 10), CI L0, alive subcomponents
+  G  Losses                         faithfulness (SPD eq. 2), stochastic recon (SPD eq. 4), layerwise
+                                    (SPD eq. 5), CI-masked and partial recon (TP eqs. 5, 6),
+                                    importance minimality (SPD eq. 7), total (SPD eq. 8); divergences D
+  H  Optimisation                   LR schedule, p annealing, the loop
+  I  Metrics                        MMCS, ML2R (SPD eqs. 9, 10), CI L0, alive subcomponents
   J  Save and load
+  K  Speed on a CPU                 the same values and gradients in less time: dead rows skipped,
+                                    h = a V^T shared, a fused scalar Γ (optimize uses it on a CPU)
 
 Deliberately not supported: embedding matrices, adversarial (PGD) masks, the "delta component"
 and faithfulness warm-up of the authors' later code, multi-GPU training.
@@ -60,17 +65,17 @@ class SPDConfig:
     targets: list[str] = field(default_factory=lambda: ["*"])  # dotted module paths, globs allowed
     C: int = 20  # subcomponents per matrix (a dict {pattern: C} is accepted from Python)
     # --- causal-importance function Γ
-    ci_fn: str = "scalar"  # scalar (SPD paper) | vector | attention (transformer paper)
+    ci_fn: str = "scalar"  # scalar (SPD paper) | vector | attention (TP)
     d_gate: int = 16  # hidden width of each subcomponent's MLP γ_c
     # --- loss coefficients (0 switches a term off and skips its computation)
     faithfulness: float = 1.0
     stochastic_recon: float = 1.0  # β1
     stochastic_recon_layerwise: float = 1.0  # β2
     importance_minimality: float = 3e-3  # β3
-    recon: float = 0.0  # CI-masked recon (masks = g, no noise); transformer paper
+    recon: float = 0.0  # CI-masked recon (masks = g, no noise); TP §4
     recon_layerwise: float = 0.0
-    stochastic_recon_partial: float = 0.0  # transformer paper eq. 6
-    recon_partial: float = 0.0  # transformer paper eq. 5
+    stochastic_recon_partial: float = 0.0  # TP eq. 6
+    recon_partial: float = 0.0  # TP eq. 5
     partial_routing: str = "pass"  # pass: one random subset per forward pass | position: one per position
     # --- importance minimality
     p: float = 1.0  # p-norm; with p_final set, the starting value of a linear anneal
@@ -112,34 +117,31 @@ class SPDConfig:
 
 
 # ================================================================================================
-# B. Leaky hard sigmoids (eq. 14)
+# B. Leaky hard sigmoids (SPD eq. 14)
 # ================================================================================================
 
 LEAK = 0.01
 
 
 def lower_leaky_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """σ_H,lower(x) = 0.01 x for x <= 0, x on [0, 1], 1 for x >= 1. Gives the CI g used in masks.
-    Written as a leaky ReLU capped at 1: the same values and gradients (slope 0.01 at x = 0) as
-    torch.where over the cases, in a third of the time on a CPU (test_spd.py compares the two)."""
-    return F.leaky_relu(x, LEAK).clamp(max=1.0)
+    """SPD eq. 14: σ_H,lower(x) = 0.01 x for x <= 0, x on [0, 1], 1 for x >= 1. Gives the CI g used
+    in the masks (SPD eq. 3)."""
+    return torch.where(x <= 0, LEAK * x, x.clamp(max=1.0))
 
 
 def upper_leaky_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """σ_H,upper(x) = 0 for x <= 0, x on [0, 1], 1 + 0.01 (x - 1) for x >= 1. Used in eq. 7 only.
-    Written as x clipped to [0, 1] plus the leak above 1: the same values and gradients as
-    torch.where over the cases (slope 1 at x = 0, 0.01 at x = 1: hardtanh's gradient is 0 at its
-    upper end, clamp's is 1 at its lower end), faster on a CPU (test_spd.py compares the two)."""
-    return F.hardtanh(x, -math.inf, 1.0).clamp(min=0.0) + LEAK * (x - 1).clamp(min=0.0)
+    """SPD eq. 14: σ_H,upper(x) = 0 for x <= 0, x on [0, 1], 1 + 0.01 (x - 1) for x >= 1. Used in
+    importance minimality (SPD eq. 7) only."""
+    return torch.where(x >= 1, 1 + LEAK * (x - 1), x.clamp(min=0.0))
 
 
 # ================================================================================================
-# C. Subcomponents (eq. 1)
+# C. Subcomponents (SPD eq. 1)
 # ================================================================================================
 
 
 class Components(nn.Module):
-    """C rank-one subcomponents of one matrix: W ≈ U V = Σ_c U[:, c] V[c, :] (eq. 1).
+    """C rank-one subcomponents of one matrix: W ≈ U V = Σ_c U[:, c] V[c, :] (SPD eq. 1).
 
     U [d_out, C] holds the write vectors u_c, V [C, d_in] the read vectors v_c. The masked layer
     computes ((a V^T) * m) U^T: the per-example W' = U diag(m) V is never built.
@@ -177,101 +179,14 @@ def init_components_(comp: Components, W: torch.Tensor, how: str = "projection")
 
 
 # ================================================================================================
-# D. Causal-importance functions Γ (eq. 6; transformer paper §4.1 and Algorithm 1)
+# D. Causal-importance functions Γ (SPD eqs. 6, 13; TP §4.1, appendix A.1 and TP Algorithm 1)
 # ================================================================================================
 # Each returns the *pre-sigmoid* scores [..., C]; section F applies σ_H,lower and σ_H,upper.
 
-_CHUNK_ELEMS = 1 << 20  # hidden elements per chunk on CPU (4 MB): measured fastest for resid_mlp3
-_CHUNK_ELEMS_GPU = 1 << 26  # on a GPU, fewer and larger chunks (256 MB): kernel launches dominate there
-_KEEP_ELEMS = 1 << 20  # a hidden tensor up to this size (4 MB) is kept for the backward; a larger one is recomputed
-
-
-class _ScalarGamma(torch.autograd.Function):
-    """γ_c(h_c) = Σ_k w_out[c,k] GELU(w_in[c,k] h_c + b_in[c,k]) + b_out[c] for all c at once.
-
-    The hidden tensor [C, N, d_gate] dominates SPD's cost on the residual MLPs (500 x 2048 x 128
-    per matrix for resid_mlp3). A large one is never materialised whole: forward and backward walk
-    over chunks of subcomponents in two reused buffers, and the backward recomputes each chunk
-    instead of storing it; a small one (up to _KEEP_ELEMS) is kept from the forward pass. Every op
-    writes into preallocated memory (`out=`), because on a CPU allocating fresh megabytes per op
-    costs more than the op. The sums over k and over n are batched row-vector-times-matrix
-    products (bmm of [c, 1, .] by [c, ., .]), which a CPU does several times faster than mul + sum
-    or matrix-times-column-vector. Same math as plain autograd (test_spd.py compares the two).
-    """
-
-    @staticmethod
-    def forward(ctx, h, w_in, b_in, w_out, b_out):
-        (N, C), k = h.shape, w_in.shape[1]
-        hT = h.T.contiguous()  # [C, N]: chunks over C become contiguous blocks
-        kept = _buffer((2, C, N, k), h) if C * N * k <= _KEEP_ELEMS else None
-        out = h.new_empty(C, 1, N)
-        for sl, pre, act in _chunks(hT, k, kept):  # pre, act: [c, N, k]
-            _hidden(hT[sl], w_in[sl], b_in[sl], pre, act)
-            torch.bmm(w_out[sl, None, :], act.transpose(1, 2), out=out[sl])  # Σ_k w_out GELU(pre)  [c, 1, N]
-        ctx.save_for_backward(hT, w_in, b_in, w_out, *([] if kept is None else [kept]))
-        return out[:, 0].T + b_out  # [N, C]
-
-    @staticmethod
-    def backward(ctx, grad_out):  # grad_out [N, C]
-        hT, w_in, b_in, w_out, *kept = ctx.saved_tensors
-        (C, N), k = hT.shape, w_in.shape[1]
-        goT = grad_out.T.contiguous()  # [C, N]
-        h1 = torch.stack([hT, torch.ones_like(hT)], 1)  # [C, 2, N]: rows h and 1, for Σ_n h d_pre and Σ_n d_pre
-        g_h, g_w_out, g_in = hT.new_empty(C, 1, N), w_out.new_empty(C, 1, k), w_in.new_empty(C, 2, k)
-        for sl, pre, act in _chunks(hT, k, kept[0] if kept else None):
-            if not kept:
-                _hidden(hT[sl], w_in[sl], b_in[sl], pre, act)
-            torch.bmm(goT[sl, None, :], act, out=g_w_out[sl])  # Σ_n go GELU(pre)          [c, 1, k]
-            d_pre = _buffer(pre.shape, pre) if kept else act  # a kept act stays intact (one chunk)
-            torch.mul(goT[sl, :, None], w_out[sl, None, :], out=d_pre)  # dL/dGELU         [c, N, k]
-            torch.ops.aten.gelu_backward.grad_input(d_pre, pre, grad_input=d_pre)  # dL/dpre
-            torch.bmm(w_in[sl, None, :], d_pre.transpose(1, 2), out=g_h[sl])  # Σ_k w_in d_pre  [c, 1, N]
-            torch.bmm(h1[sl], d_pre, out=g_in[sl])  # Σ_n h d_pre, Σ_n d_pre                 [c, 2, k]
-        return g_h[:, 0].T, g_in[:, 0], g_in[:, 1], g_w_out[:, 0], grad_out.sum(0)
-
-
-_SPARE: list[torch.Tensor] = []  # flat buffers for _buffer to hand out again
-
-
-def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor of `shape` for Γ's hidden activations, in the memory of an earlier
-    call's buffer once nothing else holds it (no autograd graph saved it: `_use_count` is 1). On a
-    CPU, fresh megabytes on every step cost page faults, and those cost more than the ops that
-    fill them (TMS 5-2)."""
-    n = math.prod(shape)
-    free = [b for b in _SPARE if b._use_count() == 1 and b.device == like.device and b.dtype == like.dtype]
-    fits = [b for b in free if b.numel() >= n]
-    if not fits:  # the free ones are too small for this size: let them go
-        _SPARE[:] = [b for b in _SPARE if all(b is not f for f in free)] + [like.new_empty(n + n // 4)]
-        fits = _SPARE[-1:]  # (the n // 4 leaves room for the number of live rows to grow)
-    return fits[0][:n].view(shape)
-
-
-def _hidden(hT, w_in, b_in, pre, act) -> None:
-    """pre = w_in h + b_in and act = GELU(pre), written into the [c, N, k] buffers."""
-    torch.addcmul(b_in[:, None, :], hT[:, :, None], w_in[:, None, :], out=pre)
-    torch.ops.aten.gelu.out(pre, out=act)
-
-
-def _chunks(hT: torch.Tensor, k: int, kept: torch.Tensor | None = None):
-    """Yields (slice of subcomponents, pre, act) [c, N, k]: slices of `kept` [2, C, N, k] if given
-    (one chunk), else two buffers shared by all chunks."""
-    C, N = hT.shape
-    if kept is not None:
-        yield slice(0, C), kept[0], kept[1]
-        return
-    limit = _CHUNK_ELEMS if hT.device.type == "cpu" else _CHUNK_ELEMS_GPU
-    step = min(C, max(1, limit // max(N * k, 1)))
-    buffers = hT.new_empty(2, step, N, k)
-    for i in range(0, C, step):
-        n = min(step, C - i)
-        yield slice(i, i + n), buffers[0, :n], buffers[1, :n]
-
-
 class ScalarCI(nn.Module):
-    """The SPD paper's Γ (eq. 6): one MLP γ_c: 1 -> d_gate (GELU) -> 1 per subcomponent, on its own
-    inner activation h_c = v_c · a. Init as the authors' code: w_in ~ N(0, 2), w_out ~ N(0, 1/d_gate),
-    biases 0."""
+    """The SPD paper's Γ: one MLP γ_c: 1 -> d_gate (GELU) -> 1 per subcomponent c, on its own inner
+    activation h_c = v_c · a (SPD eq. 6, its MLP in SPD eq. 13). Init as the authors' code: w_in ~ N(0, 2),
+    w_out ~ N(0, 1/d_gate), biases 0."""
 
     def __init__(self, C: int, d_gate: int):
         super().__init__()
@@ -280,25 +195,10 @@ class ScalarCI(nn.Module):
         self.w_out = nn.Parameter(torch.randn(C, d_gate) * d_gate**-0.5)
         self.b_out = nn.Parameter(torch.zeros(C))
 
-    def forward(self, h: torch.Tensor, nonzero: torch.Tensor | None = None) -> torch.Tensor:  # h [..., C] -> [..., C]
-        """nonzero [...] (optional) marks inputs a != 0. An all-zero input has h = V a = 0, the
-        importance γ_c(0) of every such input is computed once, and no gradient reaches V from it
-        (dh/dV = a = 0), so the result and the parameter gradients are exactly those of the full
-        computation. Sparse toy data is mostly such inputs (77% of TMS 5-2's)."""
-        flat = h.reshape(-1, h.shape[-1])  # [N, C]
-        if nonzero is None or nonzero.all():
-            return self.gamma(flat).reshape(h.shape)
-        rows = nonzero.reshape(-1).nonzero()[:, 0]
-        zero = self.at_zero().expand_as(flat)  # [N, C]
-        if len(rows) == 0:
-            return zero.reshape(h.shape)
-        return zero.index_put((rows,), self.gamma(flat[rows])).reshape(h.shape)
-
-    def gamma(self, h: torch.Tensor) -> torch.Tensor:  # h [N, C] -> [N, C]
-        return _ScalarGamma.apply(h, self.w_in, self.b_in, self.w_out, self.b_out)
-
-    def at_zero(self) -> torch.Tensor:  # γ(0) [C]
-        return (F.gelu(self.b_in) * self.w_out).sum(-1) + self.b_out
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h [..., C] -> [..., C]
+        """SPD eq. 13 before its σ_H: γ_c(h_c) = Σ_k w_out[c, k] GELU(w_in[c, k] h_c + b_in[c, k]) + b_out[c]."""
+        hidden = F.gelu(h[..., None] * self.w_in + self.b_in)  # [..., C, d_gate]
+        return (hidden * self.w_out).sum(-1) + self.b_out  # [..., C]
 
 
 class VectorCI(nn.Module):
@@ -320,7 +220,7 @@ class VectorCI(nn.Module):
 
 
 class AttentionCI(nn.Module):
-    """Transformer paper's attention Γ (appendix A.1, Algorithm 1) for inputs x [B, S, d]:
+    """The transformer paper's attention Γ (TP appendix A.1, TP Algorithm 1) for inputs x [B, S, d]:
 
         x_pos = x + AbsPos[:S];  q = x Q;  k = x K;  v = x_pos V
         a     = softmax((q k^T + r) / sqrt(d)) v,   r[n, j] = q_n · RelPos[j - n]  (Shaw-style)
@@ -365,10 +265,9 @@ CI_FNS = ("scalar", "vector", "attention")
 
 
 def sample_masks(ci: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """m = g + (1 - g) r with r ~ U(0, 1) per entry: a reparametrised sample of U(g, 1), so the
-    gradient reaches g through (1 - r). One call draws one independent set of masks.
-    Computed as lerp(r, 1, g) = r + g (1 - r), the same value in one op."""
-    return {name: torch.lerp(torch.rand_like(g), g.new_ones(()), g) for name, g in ci.items()}
+    """SPD eq. 3: m = g + (1 - g) r with r ~ U(0, 1) per entry, a reparametrised sample of U(g, 1):
+    the gradient reaches g through (1 - r). One call draws one independent set of masks."""
+    return {name: g + (1 - g) * torch.rand_like(g) for name, g in ci.items()}
 
 
 # ================================================================================================
@@ -422,8 +321,6 @@ class Decomposition(nn.Module):
                 raise ValueError(f"{s} is tied to {t}, so {t} must be decomposed too (add it to --targets)")
             if self.C[s] != self.C[t]:
                 raise ValueError(f"tied matrices {s} and {t} need the same C, got {self.C[s]} and {self.C[t]}")
-        self._acts: dict[str, torch.Tensor] = {}  # see sharing_inner
-        self._inner: dict[str, torch.Tensor] = {}
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         for name in self.names:
@@ -471,7 +368,7 @@ class Decomposition(nn.Module):
         aliases = [p for s in self._aliases for p in self.UV(s)]
         return [*self.components.parameters(), *aliases, *self.ci_fns.parameters()]
 
-    # --- Algorithm 1, step 2: target outputs and pre-weight activations a^l
+    # --- SPD Algorithm 1, step 2: target outputs and pre-weight activations a^l
     @torch.no_grad()
     def target_forward(self, x) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         acts: dict[str, torch.Tensor] = {}
@@ -484,30 +381,21 @@ class Decomposition(nn.Module):
                 h.remove()
         return out, acts
 
-    # --- Algorithm 1, the layer loop: h^l = V^l a^l, G^l_raw = Γ^l(.), g = σ_H(G_raw)
+    # --- SPD Algorithm 1, the layer loop: h^l = V^l a^l, G^l_raw = Γ^l(h^l); then g = σ_H(G_raw)
     def causal_importance(self, acts: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-        """Returns (ci_lower, ci_upper): dicts name -> [..., C]. Inputs are not detached, so the CI
-        losses also train V through h (as in the authors' code)."""
+        """(ci_lower, ci_upper): dicts name -> [..., C], σ_H,lower and σ_H,upper of Γ's output (SPD eq.
+        6). Inputs are not detached, so the CI losses also train V through h (as the authors' code)."""
         lower, upper = {}, {}
         for name in self.names:
-            a = acts[name]
-            if self.ci_fn == "scalar":  # Γ on h = a V^T                          [..., C]
-                pre = self.ci_fns[_key(name)](self.inner(name, a), nonzero=nonzero_rows(a))
-            else:
-                pre = self.ci_fns[_key(name)](a)
+            pre = self.ci_raw(name, acts[name])  # G_raw = Γ(h)                      [..., C]
             lower[name], upper[name] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
         return lower, upper
 
-    def importance_at_zero(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """σ_H,upper(Γ(0)) per matrix: the importances of an all-zero input, whose mean over leading
-        dimensions is a zero row's. The scalar Γ gives it directly ([1, C]: h = 0 V^T = 0), the
-        others run on a zero row shaped like one row of acts ([1, ..., C])."""
-        upper = {}
-        for name in self.names:
-            ci_fn, a = self.ci_fns[_key(name)], acts[name]
-            pre = ci_fn.at_zero()[None] if self.ci_fn == "scalar" else ci_fn(a.new_zeros(1, *a.shape[1:]))
-            upper[name] = upper_leaky_hard_sigmoid(pre)
-        return upper
+    def ci_raw(self, name: str, a: torch.Tensor) -> torch.Tensor:
+        """Γ's raw output [..., C] for matrix `name`'s input a: the scalar Γ reads h = a V^T, the
+        vector and attention Γ read a itself."""
+        ci_fn = self.ci_fns[_key(name)]
+        return ci_fn(self.inner(name, a)) if self.ci_fn == "scalar" else ci_fn(a)
 
     def component_forward(self, name: str, a: torch.Tensor, mask: torch.Tensor | None = None,
                           route: torch.Tensor | None = None) -> torch.Tensor:
@@ -524,26 +412,8 @@ class Decomposition(nn.Module):
         return out if bias is None else out + bias
 
     def inner(self, name: str, a: torch.Tensor) -> torch.Tensor:
-        """h = a V^T [..., C], the subcomponents' inner activations. Within `sharing_inner(acts)`
-        an input equal to the target pass's a^l (the CI input, and in most recon passes the input
-        of the first replaced matrix) gets the h computed for it the first time: same value, one
-        matmul and one gradient matmul instead of one per pass."""
-        V = self.UV(name)[1]
-        ref = self._acts.get(name)
-        if ref is None or not (a is ref or (a.shape == ref.shape and torch.equal(a, ref))):
-            return a @ V.T
-        if name not in self._inner:
-            self._inner[name] = a @ V.T
-        return self._inner[name]
-
-    @contextmanager
-    def sharing_inner(self, acts: dict[str, torch.Tensor]):
-        """One step's scope for `inner`'s reuse of h = a^l V^T (acts: the target pass's inputs a^l)."""
-        self._acts, self._inner = acts, {}
-        try:
-            yield
-        finally:
-            self._acts, self._inner = {}, {}
+        """h = a V^T [..., C], the subcomponents' inner activations h_c = v_c · a."""
+        return a @ self.UV(name)[1].T
 
     @contextmanager
     def replaced(self, masks: dict[str, torch.Tensor | None], routes: dict[str, torch.Tensor] | None = None):
@@ -610,7 +480,7 @@ def _pick_C(name: str, C: int | dict[str, int]) -> int:
 
 
 def faithfulness_loss(target_weights: dict[str, torch.Tensor], component_weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Eq. 2: L_faithfulness = 1/N Σ_l Σ_ij (W^l_ij - Σ_c U^l_ic V^l_cj)^2.
+    """SPD eq. 2: L_faithfulness = 1/N Σ_l Σ_ij (W^l_ij - Σ_c U^l_ic V^l_cj)^2.
     Note: N counts the entries of the decomposed matrices only (as the authors' code), not every
     parameter of the target as the paper's text says; tied matrices count twice."""
     sq = sum(((target_weights[n] - component_weights[n]) ** 2).sum() for n in target_weights)
@@ -618,7 +488,7 @@ def faithfulness_loss(target_weights: dict[str, torch.Tensor], component_weights
 
 
 def importance_minimality_loss(ci_upper: dict[str, torch.Tensor], p: float, eps: float = 1e-12) -> torch.Tensor:
-    """Eq. 7: L_importance-minimality = Σ_l Σ_c |g^l_c(x)|^p, averaged over every leading batch and
+    """SPD eq. 7: L_importance-minimality = Σ_l Σ_c |g^l_c(x)|^p, averaged over every leading batch and
     position dimension. eps (from the authors' later code) keeps the gradient finite for p < 1."""
     return sum(((g + eps) ** p).sum(-1).mean() for g in ci_upper.values())
 
@@ -638,7 +508,7 @@ def kl(logits: torch.Tensor, target_logits: torch.Tensor, valid: torch.Tensor | 
 
 
 def make_divergence(output_loss: str, last_token_only: bool = False, valid: torch.Tensor | None = None) -> Callable:
-    """D(out, target). last_token_only compares the final position [:, -1] only (transformer paper);
+    """D(out, target). last_token_only compares the final position [:, -1] only (TP §4);
     valid [B, S] restricts a KL to real (non-padding) positions."""
     if output_loss == "mse":
         return (lambda out, target: mse(out[:, -1], target[:, -1])) if last_token_only else mse
@@ -648,14 +518,14 @@ def make_divergence(output_loss: str, last_token_only: bool = False, valid: torc
 
 
 def stochastic_recon_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, S: int = 1) -> torch.Tensor:
-    """Eq. 4: 1/S Σ_s D(f(x | W'(x, r^(s))), f(x | W)), every decomposed matrix stochastically masked."""
+    """SPD eq. 4: 1/S Σ_s D(f(x | W'(x, r^(s))), f(x | W)), every decomposed matrix stochastically masked."""
     return sum(D(dec(x, sample_masks(ci)), target_out) for _ in range(S)) / S
 
 
 def stochastic_recon_layerwise_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, S: int = 1) -> torch.Tensor:
-    """Eq. 5: 1/(LS) Σ_s Σ_l D(f(x | W^1, ..., W'^l(x, r^(l,s)), ..., W^L), f(x | W)).
+    """SPD eq. 5: 1/(LS) Σ_s Σ_l D(f(x | W^1, ..., W'^l(x, r^(l,s)), ..., W^L), f(x | W)).
     Note: the other matrices keep the target's weights (the paper's main text and code; its
-    pseudocode says U diag(1) V), and the masks are drawn afresh, independent of eq. 4's."""
+    pseudocode says U diag(1) V), and the masks are drawn afresh, independent of SPD eq. 4's."""
     total = 0.0
     for _ in range(S):
         masks = sample_masks(ci)
@@ -664,7 +534,7 @@ def stochastic_recon_layerwise_loss(dec: Decomposition, x, target_out, ci: dict,
 
 
 def recon_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable) -> torch.Tensor:
-    """CI-masked recon (transformer paper §4): D with every mask set to exactly g, no sampling."""
+    """CI-masked recon (TP §4): D with every mask set to exactly g, no sampling."""
     return D(dec(x, ci), target_out)
 
 
@@ -676,7 +546,7 @@ def recon_layerwise_loss(dec: Decomposition, x, target_out, ci: dict, D: Callabl
 def random_subset(names: list[str], generator: torch.Generator | None = None) -> list[str]:
     """A subset M of the decomposed matrices: k ~ U{1..L}, then a uniformly random k-subset. The
     transformer paper does not give the distribution; this is the authors' later code's. Drawn once
-    per forward pass by default (eqs. 5-6 read literally); partial_routing="position" draws one per
+    per forward pass by default (TP eqs. 5-6 read literally); partial_routing="position" draws one per
     position instead (random_subset_per_position), as the authors' later code does."""
     L = len(names)
     k = int(torch.randint(1, L + 1, (1,), generator=generator))
@@ -703,76 +573,62 @@ def _partial_pass(dec: Decomposition, x, masks: dict, per_position: bool) -> tor
 
 
 def recon_partial_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, per_position: bool = False) -> torch.Tensor:
-    """Transformer paper eq. 5: D(f(x | W^l(x, g^l) for l in M, target W elsewhere), f(x | W)).
+    """TP eq. 5: D(f(x | W^l(x, g^l) for l in M, target W elsewhere), f(x | W)).
     per_position: a subset M per position instead of one per forward pass (the paper is silent)."""
     return D(_partial_pass(dec, x, ci, per_position), target_out)
 
 
 def stochastic_recon_partial_loss(dec: Decomposition, x, target_out, ci: dict, D: Callable, S: int = 1,
                                   per_position: bool = False) -> torch.Tensor:
-    """Transformer paper eq. 6: 1/S Σ_s D(f(x | W^l(x, r^(l,s)) for l in M^(s), target W elsewhere),
+    """TP eq. 6: 1/S Σ_s D(f(x | W^l(x, r^(l,s)) for l in M^(s), target W elsewhere),
     f(x | W)), with a fresh subset M^(s) (per pass, or per position) and fresh masks per sample."""
     return sum(D(_partial_pass(dec, x, sample_masks(ci), per_position), target_out) for _ in range(S)) / S
 
 
-def nonzero_rows(a: torch.Tensor) -> torch.Tensor:
-    """[..., d] -> [...] bool: whether any entry of the last dimension is nonzero (NaN counts), as
-    a.any(-1), but as two float reductions, which a CPU does several times faster than a bool one."""
-    return (a.amax(-1) != 0) | (a.amin(-1) != 0)
-
-
-def live_rows(acts: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """[B] bool: the batch rows where some decomposed matrix's input is nonzero; None when that is
-    every row (or none). A dead row drops out of every reconstruction loss exactly: its first
-    decomposed matrix sees a = 0 in any pass, where ((0 V^T) * m) U^T + b = b = 0 W^T + b, so by
-    induction over the layers every pass reproduces the target's output and D is 0 there, with no
-    gradient. Assumes the target treats batch rows independently (any usual network in eval mode)."""
-    live = torch.stack([nonzero_rows(a.reshape(a.shape[0], -1)) for a in acts.values()]).any(0)  # [B]
-    return None if live.all() or not live.any() else live
-
-
-RECON_LOSSES = {  # name (= SPDConfig coefficient) -> loss(dec, x, target_out, ci_lower, D, cfg)
-    "stochastic_recon": lambda dec, x, y, ci, D, cfg: stochastic_recon_loss(dec, x, y, ci, D, cfg.n_mask_samples),
-    "stochastic_recon_layerwise": lambda dec, x, y, ci, D, cfg: stochastic_recon_layerwise_loss(
-        dec, x, y, ci, D, cfg.n_mask_samples),
-    "stochastic_recon_partial": lambda dec, x, y, ci, D, cfg: stochastic_recon_partial_loss(
-        dec, x, y, ci, D, cfg.n_mask_samples, cfg.partial_routing == "position"),
-    "recon": lambda dec, x, y, ci, D, cfg: recon_loss(dec, x, y, ci, D),
-    "recon_layerwise": lambda dec, x, y, ci, D, cfg: recon_layerwise_loss(dec, x, y, ci, D),
-    "recon_partial": lambda dec, x, y, ci, D, cfg: recon_partial_loss(dec, x, y, ci, D, cfg.partial_routing == "position"),
-}
-
-
-def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Algorithm 1, one step's losses; "total" is eq. 8 (plus the transformer paper's terms):
-    L = β_f L_faithfulness + β1 L_stochastic-recon + β2 L_stochastic-recon-layerwise + β3 L_importance-minimality.
-    Terms whose coefficient is 0 are not computed. valid [B, S] marks real (non-padding) positions
-    of a language-model batch: D and importance minimality then ignore the others. Rows in which
-    every decomposed matrix sees a = 0 (77% of TMS 5-2's, 37% of the residual MLPs') are left out of
-    the passes, exactly: see live_rows."""
-    target_out, acts = dec.target_forward(x)
+def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float, valid: torch.Tensor | None = None,
+               target: tuple | None = None) -> dict[str, torch.Tensor]:
+    """SPD Algorithm 1: one step's losses, each term whose coefficient is nonzero, and "total"
+    (SPD eq. 8). valid [B, S] marks the real (non-padding) positions of a language-
+    model batch: D and importance minimality then ignore the others. target: (f(x | W), a^l) if the
+    caller has already run the target pass on x."""
+    target_out, acts = dec.target_forward(x) if target is None else target  # step 2: f(x | W), a^l
     D = make_divergence(cfg.output_loss, cfg.last_token_only, valid)
-    live = live_rows(acts) if valid is None and isinstance(x, torch.Tensor) else None
-    if live is not None:  # every loss but importance minimality skips the dead rows (see live_rows)
-        B, n_live = len(live), int(live.sum())
-        dead_ci = dec.importance_at_zero(acts)
-        x, target_out, acts = x[live], target_out[live], {n: a[live] for n, a in acts.items()}
-        D_live = D
-        D = lambda out, target: D_live(out, target) * (n_live / B)  # noqa: E731  still a mean over all B rows
-    with dec.sharing_inner(acts):
-        ci_lower, ci_upper = dec.causal_importance(acts)
-        if valid is not None:
-            ci_upper = {n: g[valid] for n, g in ci_upper.items()}  # [N_valid, C]
-        minimality = importance_minimality_loss(ci_upper, p)
-        if live is not None:  # the B - n_live dead rows' importances Γ(0) count in the mean over all B rows
-            minimality = (minimality * n_live + importance_minimality_loss(dead_ci, p) * (B - n_live)) / B
-        losses = {"faithfulness": faithfulness_loss(dec.target_weights(), dec.component_weights()),
-                  "importance_minimality": minimality}
-        for name, fn in RECON_LOSSES.items():
-            if getattr(cfg, name):
-                losses[name] = fn(dec, x, target_out, ci_lower, D, cfg)
-    losses["total"] = sum(getattr(cfg, name) * value for name, value in losses.items())
+    ci_lower, ci_upper = dec.causal_importance(acts)  # layer loop: h = V a, Γ(h); step 7: g = σ_H,lower
+    if valid is not None:
+        ci_upper = {n: g[valid] for n, g in ci_upper.items()}  # [N_valid, C]
+    S = cfg.n_mask_samples
+    losses = {"faithfulness": faithfulness_loss(dec.target_weights(), dec.component_weights()),  # step 3
+              "importance_minimality": importance_minimality_loss(ci_upper, p)}  # step 4
+    if cfg.stochastic_recon:  # steps 5, 8: every matrix masked by m = g + (1 - g) r
+        losses["stochastic_recon"] = stochastic_recon_loss(dec, x, target_out, ci_lower, D, S)
+    if cfg.stochastic_recon_layerwise:  # steps 6, 9: one matrix at a time
+        losses["stochastic_recon_layerwise"] = stochastic_recon_layerwise_loss(dec, x, target_out, ci_lower, D, S)
+    # the transformer paper's terms
+    if cfg.recon:
+        losses["recon"] = recon_loss(dec, x, target_out, ci_lower, D)
+    if cfg.recon_layerwise:
+        losses["recon_layerwise"] = recon_layerwise_loss(dec, x, target_out, ci_lower, D)
+    per_position = cfg.partial_routing == "position"
+    if cfg.stochastic_recon_partial:
+        losses["stochastic_recon_partial"] = stochastic_recon_partial_loss(dec, x, target_out, ci_lower, D, S,
+                                                                           per_position)
+    if cfg.recon_partial:
+        losses["recon_partial"] = recon_partial_loss(dec, x, target_out, ci_lower, D, per_position)
+    losses["total"] = total_loss(losses, cfg)  # step 10
     return losses
+
+
+def total_loss(losses: dict[str, torch.Tensor], cfg: SPDConfig) -> torch.Tensor:
+    """SPD eq. 8: L = L_faithfulness + β1 L_stochastic-recon + β2 L_stochastic-recon-layerwise
+    + β3 L_importance-minimality, with a coefficient on faithfulness too (1 in the SPD paper) and the
+    transformer paper's terms. A term whose coefficient is 0 was not computed and counts 0."""
+    L = lambda name: losses.get(name, 0.0)  # noqa: E731
+    return (cfg.faithfulness * L("faithfulness")
+            + cfg.stochastic_recon * L("stochastic_recon")  # β1
+            + cfg.stochastic_recon_layerwise * L("stochastic_recon_layerwise")  # β2
+            + cfg.importance_minimality * L("importance_minimality")  # β3
+            + cfg.recon * L("recon") + cfg.recon_layerwise * L("recon_layerwise")
+            + cfg.stochastic_recon_partial * L("stochastic_recon_partial") + cfg.recon_partial * L("recon_partial"))
 
 
 # ================================================================================================
@@ -819,7 +675,7 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
              log: Callable[[int, dict], None] | None = None, log_every: int = 1000,
              checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None, save_every: int = 0,
              progress: bool = True, start_step: int = 0, opt_state: dict | None = None) -> dict[str, float]:
-    """Algorithm 1's training loop: AdamW (make_optimizer) over U, V and Γ.
+    """SPD Algorithm 1's training loop: AdamW (make_optimizer) over U, V and Γ.
     batch_fn(batch_size) returns inputs x, or (x, valid) with valid [B, S] marking real positions.
     Calls log(step, losses) every log_every steps and checkpoint(step, optimizer) every save_every
     steps and at the end. A resumed run passes start_step and the optimizer's saved state_dict. Raises
@@ -829,6 +685,7 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     opt = make_optimizer(dec, cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
+    losses_fn = spd_losses_fast if fast_path(dec) else spd_losses  # section K: same values, faster on a CPU
     losses = {}
     bar = tqdm(range(start_step, cfg.steps), disable=not progress, desc="SPD", dynamic_ncols=True, mininterval=1.0,
                initial=start_step, total=cfg.steps)
@@ -836,7 +693,7 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, valid = split_batch(batch_fn(cfg.batch_size))
-        losses = spd_losses(dec, x, cfg, p_at(step, cfg), valid)
+        losses = losses_fn(dec, x, cfg, p_at(step, cfg), valid)
         if not torch.isfinite(losses["total"]):
             bad = {k: v.item() for k, v in losses.items()}
             raise FloatingPointError(f"non-finite loss at step {step}: {bad}; try a lower --lr "
@@ -860,7 +717,7 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
 
 
 def mmcs_ml2r(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[float, float]:
-    """Eqs. 9, 10 for W [d_out, d_in] with columns W[:, j] (TMS: feature j's embedding).
+    """SPD eqs. 9, 10 for W [d_out, d_in] with columns W[:, j] (TMS: feature j's embedding).
 
     MMCS = 1/d_in Σ_j max_c cos(U[:, c] V[c, j], W[:, j]);
     ML2R = 1/d_in Σ_j |U[:, mcs(j)] V[mcs(j), j]| / |W[:, j]|, mcs(j) the argmax of the cosine.
@@ -957,3 +814,220 @@ def load(dec: Decomposition, run_dir: str | os.PathLike) -> dict:
 
 def _jsonable(o):
     return dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)
+
+
+# ================================================================================================
+# K. Speed on a CPU: the same values and gradients as sections D-G, in less time
+# ================================================================================================
+# `optimize` uses spd_losses_fast on a CPU, where each piece was measured to pay (results/benchmark.md);
+# on a GPU it runs the plain spd_losses: these were not measured there, and the row skip needs
+# host-device syncs and data-dependent shapes. test_spd.py checks every piece against the plain form.
+
+FAST_CPU = True  # False: optimize runs the plain spd_losses on a CPU too
+
+
+def fast_path(dec: Decomposition) -> bool:
+    return FAST_CPU and next(dec.parameters()).device.type == "cpu"
+
+
+def spd_losses_fast(dec: Decomposition, x, cfg: SPDConfig, p: float, valid: torch.Tensor | None = None) -> dict:
+    """spd_losses(dec, x, cfg, p, valid) with the same values and gradients, faster on a CPU:
+    1. batch rows in which every decomposed matrix sees a = 0 (77% of a TMS 5-2 batch, 37% of a
+       residual MLP's) are left out of every pass (live_rows): their importances are Γ(0)
+       (importance_at_zero), and each recon term, a mean over the live rows, is rescaled to the mean
+       over all B rows (a dead row's D is 0);
+    2. within the step, h = a V^T is computed once per input a^l, and the scalar Γ runs as the fused
+       _ScalarGamma with Γ(0) shared by the zero inputs (cpu_fast_paths)."""
+    with cpu_fast_paths(dec):
+        target_out, acts = dec.target_forward(x)
+        live = live_rows(acts) if valid is None and isinstance(x, torch.Tensor) else None
+        if live is None:
+            return spd_losses(dec, x, cfg, p, valid, target=(target_out, acts))
+        losses = spd_losses(dec, x[live], cfg, p, target=(target_out[live], {n: a[live] for n, a in acts.items()}))
+        dead = importance_minimality_loss(importance_at_zero(dec, acts), p)
+    B, n = len(live), int(live.sum())
+    out = {"faithfulness": losses["faithfulness"],
+           "importance_minimality": (losses["importance_minimality"] * n + dead * (B - n)) / B}
+    out |= {k: v * (n / B) for k, v in losses.items() if k not in ("faithfulness", "importance_minimality", "total")}
+    out["total"] = total_loss(out, cfg)
+    return out
+
+
+def nonzero_rows(a: torch.Tensor) -> torch.Tensor:
+    """[..., d] -> [...] bool: whether any entry of the last dimension is nonzero (NaN counts), as
+    a.any(-1), but as two float reductions, which a CPU does several times faster than a bool one."""
+    return (a.amax(-1) != 0) | (a.amin(-1) != 0)
+
+
+def live_rows(acts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """[B] bool: the batch rows where some decomposed matrix's input is nonzero; None when that is
+    every row (or none). A dead row drops out of every reconstruction loss exactly: its first
+    decomposed matrix sees a = 0 in any pass, where ((0 V^T) * m) U^T + b = b = 0 W^T + b, so by
+    induction over the layers every pass reproduces the target's output and D is 0 there, with no
+    gradient. Assumes the target treats batch rows independently (any usual network in eval mode)."""
+    live = torch.stack([nonzero_rows(a.reshape(a.shape[0], -1)) for a in acts.values()]).any(0)  # [B]
+    return None if live.all() or not live.any() else live
+
+
+
+def importance_at_zero(dec: Decomposition, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """σ_H,upper(Γ(0)) per matrix: the importances of an all-zero input, whose mean over leading
+    dimensions is a zero row's. The scalar Γ gives it in closed form ([1, C]: h = 0 V^T = 0), the
+    others run on a zero row shaped like one row of acts ([1, ..., C])."""
+    upper = {}
+    for name in dec.names:
+        ci_fn, a = dec.ci_fns[_key(name)], acts[name]
+        pre = scalar_gamma_at_zero(ci_fn)[None] if dec.ci_fn == "scalar" else ci_fn(a.new_zeros(1, *a.shape[1:]))
+        upper[name] = upper_leaky_hard_sigmoid(pre)
+    return upper
+
+
+@contextmanager
+def cpu_fast_paths(dec: Decomposition):
+    """Within the block, `dec.inner` returns the h it computed the first time for an input equal to
+    the first one it saw for that matrix (the CI input a^l; the recon passes recompute the first
+    decomposed matrix's input from x, with the same value), so one matmul and one gradient matmul
+    serve every pass; and `dec.causal_importance` runs the scalar Γ as scalar_gamma and the sigmoids
+    in their fast forms. Both are instance attributes that shadow the plain methods for the block only."""
+    plain_inner, plain_ci_raw, seen = dec.inner, dec.ci_raw, {}
+
+    def inner(name, a):
+        if name in seen:
+            a0, h0 = seen[name]
+            if a is a0 or (a.shape == a0.shape and torch.equal(a, a0)):
+                return h0
+        h = plain_inner(name, a)
+        seen.setdefault(name, (a, h))
+        return h
+
+    def ci_raw(name, a):
+        if dec.ci_fn != "scalar":
+            return plain_ci_raw(name, a)
+        return scalar_gamma(dec.ci_fns[_key(name)], inner(name, a), nonzero_rows(a))
+
+    def causal_importance(acts):  # section F's, with the fast pieces
+        pre = {name: ci_raw(name, acts[name]) for name in dec.names}
+        return ({n: lower_leaky_hard_sigmoid_fast(g) for n, g in pre.items()},
+                {n: upper_leaky_hard_sigmoid_fast(g) for n, g in pre.items()})
+
+    dec.inner, dec.causal_importance = inner, causal_importance
+    try:
+        yield
+    finally:
+        dec.__dict__.pop("inner", None), dec.__dict__.pop("causal_importance", None)
+
+
+def lower_leaky_hard_sigmoid_fast(x: torch.Tensor) -> torch.Tensor:
+    """lower_leaky_hard_sigmoid as a leaky ReLU capped at 1: the same values and gradients (slope 0.01
+    at x = 0, 1 at x = 1), without the bool tensors of torch.where, which are slow on a CPU (about 5%
+    of a TMS step, measured)."""
+    return F.leaky_relu(x, LEAK).clamp(max=1.0)
+
+
+def upper_leaky_hard_sigmoid_fast(x: torch.Tensor) -> torch.Tensor:
+    """upper_leaky_hard_sigmoid as x clipped to [0, 1] plus the leak above 1: the same values and
+    gradients (slope 1 at x = 0, 0.01 at x = 1: hardtanh's gradient is 0 at its upper end, clamp's 1
+    at its lower end)."""
+    return F.hardtanh(x, -math.inf, 1.0).clamp(min=0.0) + LEAK * (x - 1).clamp(min=0.0)
+
+
+def scalar_gamma(ci: ScalarCI, h: torch.Tensor, nonzero: torch.Tensor) -> torch.Tensor:
+    """ci(h) (SPD eq. 13) for h [..., C], by _ScalarGamma; inputs a = 0 (nonzero [...] False) have
+    h = 0, so their γ(0) is computed once, and no gradient reaches V from them (dh/dV = a = 0): the
+    result and the parameter gradients are exactly those of ci(h)."""
+    flat = h.reshape(-1, h.shape[-1])  # [N, C]
+    rows = nonzero.reshape(-1).nonzero()[:, 0]
+    fused = lambda t: _ScalarGamma.apply(t, ci.w_in, ci.b_in, ci.w_out, ci.b_out)  # noqa: E731
+    if len(rows) == len(flat):
+        return fused(flat).reshape(h.shape)
+    zero = scalar_gamma_at_zero(ci).expand_as(flat)  # [N, C]
+    return (zero if len(rows) == 0 else zero.index_put((rows,), fused(flat[rows]))).reshape(h.shape)
+
+
+def scalar_gamma_at_zero(ci: ScalarCI) -> torch.Tensor:  # γ(0) [C]
+    return (F.gelu(ci.b_in) * ci.w_out).sum(-1) + ci.b_out
+
+
+_CHUNK_ELEMS = 1 << 20  # hidden elements per chunk (4 MB): measured fastest for resid_mlp3
+_KEEP_ELEMS = 1 << 20  # a hidden tensor up to this size (4 MB) is kept for the backward; a larger one is recomputed
+
+
+class _ScalarGamma(torch.autograd.Function):
+    """γ_c(h_c) = Σ_k w_out[c,k] GELU(w_in[c,k] h_c + b_in[c,k]) + b_out[c] for all c at once.
+
+    The hidden tensor [C, N, d_gate] dominates SPD's cost on the residual MLPs (500 x 2048 x 128
+    per matrix for resid_mlp3). A large one is never materialised whole: forward and backward walk
+    over chunks of subcomponents in two reused buffers, and the backward recomputes each chunk
+    instead of storing it; a small one (up to _KEEP_ELEMS) is kept from the forward pass. Every op
+    writes into preallocated memory (`out=`), because on a CPU allocating fresh megabytes per op
+    costs more than the op. The sums over k and over n are batched row-vector-times-matrix
+    products (bmm of [c, 1, .] by [c, ., .]), which a CPU does several times faster than mul + sum
+    or matrix-times-column-vector. Same math as plain autograd (test_spd.py compares the two).
+    """
+
+    @staticmethod
+    def forward(ctx, h, w_in, b_in, w_out, b_out):
+        (N, C), k = h.shape, w_in.shape[1]
+        hT = h.T.contiguous()  # [C, N]: chunks over C become contiguous blocks
+        kept = _buffer((2, C, N, k), h) if C * N * k <= _KEEP_ELEMS else None
+        out = h.new_empty(C, 1, N)
+        for sl, pre, act in _chunks(hT, k, kept):  # pre, act: [c, N, k]
+            _hidden(hT[sl], w_in[sl], b_in[sl], pre, act)
+            torch.bmm(w_out[sl, None, :], act.transpose(1, 2), out=out[sl])  # Σ_k w_out GELU(pre)  [c, 1, N]
+        ctx.save_for_backward(hT, w_in, b_in, w_out, *([] if kept is None else [kept]))
+        return (out[:, 0].T + b_out).contiguous()  # [N, C]; contiguous: rand_like draws masks in the plain layout
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out [N, C]
+        hT, w_in, b_in, w_out, *kept = ctx.saved_tensors
+        (C, N), k = hT.shape, w_in.shape[1]
+        goT = grad_out.T.contiguous()  # [C, N]
+        h1 = torch.stack([hT, torch.ones_like(hT)], 1)  # [C, 2, N]: rows h and 1, for Σ_n h d_pre and Σ_n d_pre
+        g_h, g_w_out, g_in = hT.new_empty(C, 1, N), w_out.new_empty(C, 1, k), w_in.new_empty(C, 2, k)
+        for sl, pre, act in _chunks(hT, k, kept[0] if kept else None):
+            if not kept:
+                _hidden(hT[sl], w_in[sl], b_in[sl], pre, act)
+            torch.bmm(goT[sl, None, :], act, out=g_w_out[sl])  # Σ_n go GELU(pre)          [c, 1, k]
+            d_pre = _buffer(pre.shape, pre) if kept else act  # a kept act stays intact (one chunk)
+            torch.mul(goT[sl, :, None], w_out[sl, None, :], out=d_pre)  # dL/dGELU         [c, N, k]
+            torch.ops.aten.gelu_backward.grad_input(d_pre, pre, grad_input=d_pre)  # dL/dpre
+            torch.bmm(w_in[sl, None, :], d_pre.transpose(1, 2), out=g_h[sl])  # Σ_k w_in d_pre  [c, 1, N]
+            torch.bmm(h1[sl], d_pre, out=g_in[sl])  # Σ_n h d_pre, Σ_n d_pre                 [c, 2, k]
+        return g_h[:, 0].T, g_in[:, 0], g_in[:, 1], g_w_out[:, 0], grad_out.sum(0)
+
+
+_SPARE: list[torch.Tensor] = []  # flat buffers for _buffer to hand out again
+
+
+def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of `shape` for Γ's hidden activations, in the memory of an earlier
+    call's buffer once nothing else holds it (no autograd graph saved it: `_use_count` is 1). On a
+    CPU, fresh megabytes on every step cost page faults, and those cost more than the ops that
+    fill them (TMS 5-2)."""
+    n = math.prod(shape)
+    free = [b for b in _SPARE if b._use_count() == 1 and b.device == like.device and b.dtype == like.dtype]
+    fits = [b for b in free if b.numel() >= n]
+    if not fits:  # the free ones are too small for this size: let them go
+        _SPARE[:] = [b for b in _SPARE if all(b is not f for f in free)] + [like.new_empty(n + n // 4)]
+        fits = _SPARE[-1:]  # (the n // 4 leaves room for the number of live rows to grow)
+    return fits[0][:n].view(shape)
+
+
+def _hidden(hT, w_in, b_in, pre, act) -> None:
+    """pre = w_in h + b_in and act = GELU(pre), written into the [c, N, k] buffers."""
+    torch.addcmul(b_in[:, None, :], hT[:, :, None], w_in[:, None, :], out=pre)
+    torch.ops.aten.gelu.out(pre, out=act)
+
+
+def _chunks(hT: torch.Tensor, k: int, kept: torch.Tensor | None = None):
+    """Yields (slice of subcomponents, pre, act) [c, N, k]: slices of `kept` [2, C, N, k] if given
+    (one chunk), else two buffers shared by all chunks."""
+    C, N = hT.shape
+    if kept is not None:
+        yield slice(0, C), kept[0], kept[1]
+        return
+    step = min(C, max(1, _CHUNK_ELEMS // max(N * k, 1)))
+    buffers = hT.new_empty(2, step, N, k)
+    for i in range(0, C, step):
+        n = min(step, C - i)
+        yield slice(i, i + n), buffers[0, :n], buffers[1, :n]

@@ -488,26 +488,25 @@ def test_code_version_is_unknown_for_an_untracked_copy(tmp_path):
     assert copy.code_version() == "unknown (not a git checkout)"
 
 
-def test_report_command_reproduces_the_runs_config():
-    """The command results/*.md prints for a run, fed back to train.py's parser, gives its config."""
+def test_report_command_is_the_command_that_made_the_run(tmp_path):
+    """results/*.md prints each run's recorded command; fed back to train.py's parser, it gives the run's config."""
     import dataclasses
     import json
-    from pathlib import Path
+    import shlex
 
     import analysis
-    import spd
     import train
 
-    cfg = spd.SPDConfig(**{**train.PRESETS["induction"], "batch_size": 64, "last_token_only": False, "seed": 3,
-                           "targets": ["blocks.0.attn.q_proj", "blocks.1.attn.k_proj"], "importance_minimality": 0.5})
-    _, target = models.build_target("induction", steps=3000)
-    run_cfg = json.loads(json.dumps({"model": "induction", "spd": dataclasses.asdict(cfg), "target": target,
-                                     "code": "abc1234+dirty"}))
-    cmd, comment = analysis._command(Path("runs/x"), run_cfg).split("  # ")
-    assert comment == "code abc1234+dirty"
-    args = train.parse_args(cmd.split()[2:])
-    assert train.spd_config(args) == cfg
-    assert (args.target_steps, args.target_seed, args.out) == (3000, None, "runs/x")
+    out = tmp_path / "run"
+    train.main(["--model", "tms_5-2", "--steps", "3", "--batch_size", "16", "--target_steps", "20", "--C", "7",
+                "--importance_minimality", "0.5", "--target_dir", str(tmp_path / "targets"), "--out", str(out),
+                "--no_progress"])
+    run_cfg = json.loads((out / "config.json").read_text())["config"]
+    cmd, comment = analysis._command(out, run_cfg).split("  # ")
+    assert comment == f"code {train.code_version()}"
+    args = train.parse_args(shlex.split(cmd)[2:])
+    assert dataclasses.asdict(train.spd_config(args)) == run_cfg["spd"]
+    assert (args.target_steps, args.out, args.C) == (20, str(out), 7)
 
 
 @pytest.mark.parametrize("argv,message", [

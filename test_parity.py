@@ -23,7 +23,9 @@ TOL = 3e-5
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
 @pytest.mark.parametrize("tied_updates", ["shared", "separate"])
-def test_one_step_reproduces_the_authors_code(path, tied_updates):
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_one_step_reproduces_the_authors_code(path, tied_updates, fast):
+    """spd_losses (the paper's form) and spd_losses_fast (what optimize runs on a CPU) both."""
     fixture = json.loads(path.read_text())
     inp = parity.make_inputs(fixture["model"], fixture["seed"], fixture["batch_size"], fixture["n_mask_samples"])
     tied = inp["dec"].tied
@@ -32,7 +34,7 @@ def test_one_step_reproduces_the_authors_code(path, tied_updates):
     theirs = fixture["theirs"]
     if tied_updates == "shared" and tied:  # our one (U, V) gets both uses' gradients summed
         theirs = theirs | fixture["theirs_summed_tied_grads"]
-    ours = parity.summarise(parity.our_step(inp, tied_updates))
+    ours = parity.summarise(parity.our_step(inp, tied_updates, fast))
     diffs = parity.compare(ours, theirs)
     assert len(diffs) >= 5 + 4 * len(inp["dec"].names), sorted(diffs)  # every loss, CI and parameter compared
     tied_params = {f"param/components.{parity.their_key(n)}.{ab}" for s, t in tied.items() for n in (s, t)

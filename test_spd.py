@@ -56,16 +56,23 @@ def test_leaky_slopes_keep_gradients_alive():
     assert torch.allclose(x.grad, torch.tensor([0.0, 0.01]))
 
 
-def test_leaky_hard_sigmoids_equal_the_case_split_in_values_and_gradients():
-    """eq. 14 written literally with torch.where (the kinks: lower has slope 0.01 at 0 and 1 at 1;
-    upper has slope 1 at 0 and 0.01 at 1) against the faster forms in spd.py, bit for bit."""
-    lower = lambda x: torch.where(x <= 0, 0.01 * x, x.clamp(max=1.0))  # noqa: E731
-    upper = lambda x: torch.where(x >= 1, 1 + 0.01 * (x - 1), x.clamp(min=0.0))  # noqa: E731
+def test_leaky_hard_sigmoid_slopes_at_the_kinks():
+    """The case split's choice at x = 0 and x = 1 (each kink belongs to one case): lower has slope
+    0.01 at 0 and 1 at 1; upper has slope 1 at 0 and 0.01 at 1."""
+    for fn, slopes in ((spd.lower_leaky_hard_sigmoid, [0.01, 1.0]), (spd.upper_leaky_hard_sigmoid, [1.0, 0.01])):
+        x = torch.tensor([0.0, 1.0], requires_grad=True)
+        fn(x).sum().backward()
+        assert x.grad.tolist() == pytest.approx(slopes)
+
+
+def test_fast_leaky_hard_sigmoids_equal_the_case_split_bit_for_bit():
+    """Section K's forms against section B's literal case split: values and gradients, kinks included."""
     torch.manual_seed(0)
     x = torch.cat([torch.randn(10_000) * 3, torch.tensor([0.0, -0.0, 1.0, 1e-8, -1e-8, 1 - 6e-8, 1 + 1.2e-7, -200.0, 200.0])])
-    for mine, ref in ((spd.lower_leaky_hard_sigmoid, lower), (spd.upper_leaky_hard_sigmoid, upper)):
+    for fast, plain in ((spd.lower_leaky_hard_sigmoid_fast, spd.lower_leaky_hard_sigmoid),
+                        (spd.upper_leaky_hard_sigmoid_fast, spd.upper_leaky_hard_sigmoid)):
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ya, yb = mine(xa), ref(xb)
+        ya, yb = fast(xa), plain(xb)
         w = torch.randn_like(x)
         (ya * w).sum().backward(), (yb * w).sum().backward()
         assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
@@ -82,7 +89,8 @@ def test_projection_init_is_projection_onto_rank_one_directions():
         u, v = comp.U[:, c], comp.V[c]
         assert abs(v.norm() - 1) < 1e-5
         u_hat = u / u.norm()
-        assert torch.allclose(u.norm(), (u_hat @ W @ v).abs(), atol=1e-5)  # |u_c| = |u_hat^T W v_c|
+        # u_c = (u_hat^T W v_c) u_hat, so u_c^T W v_c = |u_c|^2 >= 0 whatever the sign of u_hat^T W v_c
+        assert torch.allclose(u @ W @ v, u.norm() ** 2, atol=1e-5)
 
 
 def test_components_forward_never_builds_per_example_weights_but_matches_them():
@@ -100,9 +108,20 @@ def naive_scalar_gamma(ci, h):
                         for c in range(h.shape[-1])], -1)
 
 
-# hidden tensor kept for the backward; recomputed in one chunk, in several (the last one shorter), one c each
+def test_scalar_ci_is_eq_13_per_subcomponent():
+    """The plain ScalarCI (SPD eq. 13) against a loop over subcomponents."""
+    torch.manual_seed(0)
+    ci = spd.ScalarCI(C=7, d_gate=5)
+    with torch.no_grad():
+        ci.b_in.normal_(), ci.b_out.normal_()
+    h = torch.randn(3, 4, 7)
+    assert torch.allclose(ci(h), naive_scalar_gamma(ci, h), atol=1e-5)
+
+
+# section K's fused Γ: hidden tensor kept for the backward; recomputed in one chunk, in several (the last
+# one shorter), one c each
 @pytest.mark.parametrize("keep, chunk", [(1 << 22, 0), (0, 1 << 18), (0, 40), (0, 0)])
-def test_scalar_ci_matches_autograd(monkeypatch, keep, chunk):
+def test_fast_scalar_gamma_equals_the_plain_one(monkeypatch, keep, chunk):
     monkeypatch.setattr(spd, "_KEEP_ELEMS", keep)
     monkeypatch.setattr(spd, "_CHUNK_ELEMS", chunk)
     torch.manual_seed(0)
@@ -114,7 +133,7 @@ def test_scalar_ci_matches_autograd(monkeypatch, keep, chunk):
     V = torch.randn(7, 6, requires_grad=True)
     w = torch.randn(3, 4, 7)
     grads = []
-    for fn in (lambda h: ci(h, nonzero=a.ne(0).any(-1)), lambda h: naive_scalar_gamma(ci, h)):
+    for fn in (lambda h: spd.scalar_gamma(ci, h, a.ne(0).any(-1)), ci):
         out = fn(a @ V.T)
         grads.append((out, *torch.autograd.grad((out * w).sum(), [V, *ci.parameters()])))
     for mine, ref in zip(*grads):
@@ -131,13 +150,14 @@ def test_scalar_gamma_reuses_no_buffer_a_pending_backward_still_needs():
     h1, h2 = torch.randn(30, 7, requires_grad=True), torch.randn(30, 7, requires_grad=True)
     w1, w2 = torch.randn(30, 7), torch.randn(30, 7)
     grads = []
-    for fn in (ci.gamma, lambda h: naive_scalar_gamma(ci, h)):
+    fused = lambda h: spd._ScalarGamma.apply(h, ci.w_in, ci.b_in, ci.w_out, ci.b_out)  # noqa: E731
+    for fn in (fused, ci):
         loss = (fn(h1) * w1).sum() + (fn(h2) * w2).sum()
         grads.append(torch.autograd.grad(loss, [h1, h2, *ci.parameters()]))
     for mine, ref in zip(*grads):
         assert torch.allclose(mine, ref, atol=1e-5)
-    again = ci.gamma(h1)  # after the backward, the kept buffers are free and handed out again
-    assert torch.allclose(again, naive_scalar_gamma(ci, h1), atol=1e-5)
+    again = fused(h1)  # after the backward, the kept buffers are free and handed out again
+    assert torch.allclose(again, ci(h1), atol=1e-5)
 
 
 @pytest.mark.parametrize("keep", [1 << 22, 0])
@@ -352,34 +372,35 @@ def test_tied_updates_one_adam_step_against_untied_gradients(mode):
     assert list(dec.state_dict()) == [k for k in dec.state_dict() if "components.dec" not in k]
 
 
-def test_sharing_inner_reuses_h_without_changing_losses_or_gradients():
+def test_cpu_fast_paths_reuse_h_without_changing_losses_or_gradients():
     dec = decomposition(tiny_mlp())
     x = torch.randn(16, 4)
     out, acts = dec.target_forward(x)
     D = spd.make_divergence("mse")
 
-    def losses_and_grads(share):
+    def losses_and_grads(fast):
         torch.manual_seed(3)
-        with dec.sharing_inner(acts) if share else contextlib.nullcontext():
+        with spd.cpu_fast_paths(dec) if fast else contextlib.nullcontext():
             lower, _ = dec.causal_importance(acts)
             loss = (spd.stochastic_recon_loss(dec, x, out, lower, D)
                     + spd.stochastic_recon_layerwise_loss(dec, x, out, lower, D))
-            if share:  # the input of "0" in every pass is x itself, "2"'s equals the target's a
-                assert dec.inner("0", x) is dec._inner["0"]
-                assert dec.inner("2", acts["2"].clone()) is dec._inner["2"]
+            if fast:  # the input of "0" in every pass is x itself, "2"'s equals the target's a
+                assert dec.inner("0", x) is dec.inner("0", x.clone())
+                assert dec.inner("2", acts["2"].clone()) is dec.inner("2", acts["2"])
+                assert dec.inner("2", acts["2"] + 1) is not dec.inner("2", acts["2"])
         return [loss, *torch.autograd.grad(loss, dec.parameters_to_train())]
 
-    for shared, plain in zip(losses_and_grads(True), losses_and_grads(False)):
-        assert torch.allclose(shared, plain, atol=1e-6)
-    assert dec._inner == {}  # the reuse ends with the step
+    for fast, plain in zip(losses_and_grads(True), losses_and_grads(False)):
+        assert torch.allclose(fast, plain, atol=1e-6)
+    assert "inner" not in vars(dec) and "causal_importance" not in vars(dec)  # the plain methods are back
 
 
 @pytest.mark.parametrize("kind, ci_fn", [("tms_5-2-id", "scalar"), ("resid_mlp2", "scalar"), ("biased_last", "scalar"),
                                          ("tms_5-2-id", "vector")])
-def test_dead_rows_skipped_without_changing_losses_or_gradients(kind, ci_fn, monkeypatch):
-    """Rows whose decomposed matrices all see a = 0 skip every recon pass (spd.live_rows); each loss
-    and every gradient equals the full-batch computation's. Masks are fixed (r = 0.5) so the two
-    computations draw the same ones."""
+def test_fast_losses_equal_the_plain_ones(kind, ci_fn, monkeypatch):
+    """spd_losses_fast (rows whose decomposed matrices all see a = 0 skip every pass, h shared, the
+    fused scalar Γ) against the plain spd_losses: each loss and every gradient. Masks are fixed
+    (r = 0.5) so the two computations draw the same ones."""
     if kind == "biased_last":  # no bias before the last matrix: a zero row stays dead, its output is b
         torch.manual_seed(0)
         target, n_in = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 3)), 4
@@ -397,15 +418,31 @@ def test_dead_rows_skipped_without_changing_losses_or_gradients(kind, ci_fn, mon
     assert spd.live_rows(dec.target_forward(x)[1]).tolist() == x.ne(0).any(-1).tolist()
     monkeypatch.setattr(spd, "sample_masks", lambda ci: {n: g + (1 - g) * 0.5 for n, g in ci.items()})
 
-    def losses_and_grads():
+    def losses_and_grads(fn):
         torch.manual_seed(3)  # the same random subsets for the partial losses
-        losses = spd.spd_losses(dec, x, cfg, p=0.7)
-        return [*losses.values(), *torch.autograd.grad(losses["total"], dec.parameters_to_train())]
+        losses = fn(dec, x, cfg, p=0.7)
+        return list(losses), [*losses.values(), *torch.autograd.grad(losses["total"], dec.parameters_to_train())]
 
-    skipped = losses_and_grads()
-    monkeypatch.setattr(spd, "live_rows", lambda acts: None)
-    for a, b in zip(skipped, losses_and_grads(), strict=True):
+    (names_fast, fast), (names_plain, plain) = losses_and_grads(spd.spd_losses_fast), losses_and_grads(spd.spd_losses)
+    assert names_fast == names_plain
+    for a, b in zip(fast, plain, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_optimize_takes_the_fast_path_on_a_cpu_only_and_both_train_alike(monkeypatch):
+    model = tiny_mlp()
+    cfg = spd.SPDConfig(targets=["0", "2"], C=5, steps=20, batch_size=64, lr=1e-2)
+    batch = lambda b: torch.randn(b, 4) * (torch.rand(b, 4) < 0.3)  # noqa: E731  many dead rows
+    assert spd.fast_path(decomposition(model)) and not spd.fast_path(decomposition(tiny_mlp()).to("meta"))
+    finals = []
+    for fast in (True, False):
+        monkeypatch.setattr(spd, "FAST_CPU", fast)
+        dec = decomposition(model)
+        torch.manual_seed(5)
+        finals.append(spd.optimize(dec, batch, cfg, progress=False))
+    assert finals[0].keys() == finals[1].keys()
+    for k in finals[0]:
+        assert finals[0][k] == pytest.approx(finals[1][k], rel=1e-4, abs=1e-7)
 
 
 def test_nonzero_rows_equals_any():
@@ -473,6 +510,64 @@ def test_layerwise_equals_stochastic_for_one_matrix():
     b = spd.stochastic_recon_layerwise_loss(dec, x, y, ci, spd.mse)
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
     assert a.item() > 0
+
+
+def explicit_forward(model, x, weights):
+    """tiny_mlp's output with per-example weights {name: [B, d_out, d_in]} (SPD eq. 3's W'(x, r)
+    built literally) in place of the named Linear layers; the others keep theirs."""
+    out = x
+    for name, layer in model.named_children():
+        if name in weights:
+            out = torch.einsum("boi,bi->bo", weights[name], out) + layer.bias
+        else:
+            out = layer(out)
+    return out
+
+
+def test_stochastic_losses_by_hand_with_explicit_per_example_weights(monkeypatch):
+    """SPD eqs. 4, 5 with S = 2 on two matrices, against W'^l_b = U^l diag(m^l_b) V^l built for every
+    example and the model run with it: each mask sample its own draw, the layerwise loss one matrix at
+    a time with the target's W elsewhere, normalised by S L."""
+    model = tiny_mlp()
+    dec = decomposition(model)
+    x = torch.randn(16, 4)
+    y, acts = dec.target_forward(x)
+    ci, _ = dec.causal_importance(acts)
+    torch.manual_seed(11)
+    draws = [{n: torch.rand(16, 5) for n in dec.names} for _ in range(4)]  # 2 samples per loss
+    queue = iter(draws)
+    monkeypatch.setattr(spd, "sample_masks", lambda g: {n: g[n] + (1 - g[n]) * r for n, r in next(queue).items()})
+    masks = [{n: ci[n] + (1 - ci[n]) * r for n, r in d.items()} for d in draws]
+    W_prime = lambda n, m: torch.einsum("oc,bc,ci->boi", *dec.UV(n)[:1], m, dec.UV(n)[1])  # noqa: E731
+    mse = lambda out: ((out - y) ** 2).mean()  # noqa: E731
+    full = [mse(explicit_forward(model, x, {n: W_prime(n, m[n]) for n in dec.names})) for m in masks[:2]]
+    layerwise = [mse(explicit_forward(model, x, {n: W_prime(n, m[n])})) for m in masks[2:] for n in dec.names]
+    assert spd.stochastic_recon_loss(dec, x, y, ci, spd.mse, S=2).item() == pytest.approx(sum(full).item() / 2, rel=1e-5)
+    assert spd.stochastic_recon_layerwise_loss(dec, x, y, ci, spd.mse, S=2).item() == pytest.approx(
+        sum(layerwise).item() / 4, rel=1e-5)
+
+
+def test_spd_losses_masks_with_the_lower_sigmoid_and_trains_v_through_gamma(monkeypatch):
+    """The recon losses read g = σ_H,lower(Γ) (they differ from the same losses fed σ_H,upper where
+    Γ > 1 or < 0), and V gets a gradient through h = V a in Γ, not only through the masked passes."""
+    model = tiny_mlp()
+    dec = decomposition(model)
+    with torch.no_grad():
+        for f in dec.ci_fns.values():
+            f.b_out.copy_(torch.linspace(-2, 2, 5))  # Γ outputs on both sides of [0, 1]
+    x = torch.randn(16, 4)
+    monkeypatch.setattr(spd, "sample_masks", lambda g: {n: v + (1 - v) * 0.3 for n, v in g.items()})
+    cfg = spd.SPDConfig(targets=["0", "2"], C=5, faithfulness=0.0, importance_minimality=0.0, stochastic_recon_layerwise=0.0)
+    y, acts = dec.target_forward(x)
+    lower, upper = dec.causal_importance(acts)
+    assert not torch.allclose(lower["0"], upper["0"])
+    loss = spd.spd_losses(dec, x, cfg, p=1.0)["stochastic_recon"]
+    assert loss.item() == pytest.approx(spd.stochastic_recon_loss(dec, x, y, lower, spd.mse).item(), rel=1e-6)
+    V = dec.components["0"].V
+    (g_all,) = torch.autograd.grad(loss, V, retain_graph=True)
+    detached = {n: g.detach() for n, g in lower.items()}  # the same loss with Γ's input cut off from V
+    (g_masks_only,) = torch.autograd.grad(spd.stochastic_recon_loss(dec, x, y, detached, spd.mse), V)
+    assert not torch.allclose(g_all, g_masks_only, atol=1e-8)
 
 
 def test_recon_losses_against_direct_forward_passes():
@@ -618,6 +713,24 @@ def test_mmcs_ml2r_by_hand():
     mmcs, ml2r = spd.mmcs_ml2r(W, U, V)
     assert mmcs == pytest.approx(1.0, abs=1e-6)
     assert ml2r == pytest.approx((0.9 / 1 + 2.2 / 2) / 2, abs=1e-6)
+
+
+def test_evaluate_tms_ml2r_over_large_subcomponents_ignores_a_dead_aligned_one(tmp_path):
+    """A dead subcomponent exactly along feature 0 wins the paper's max over all C (ML2R counts its
+    tiny ratio); over the large subcomponents only, feature 0 gets its own large one."""
+    target = models.TMS(2, 2)
+    with torch.no_grad():
+        target.linear1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    dec = spd.Decomposition(target, ["linear1", "linear2"], C=3)
+    with torch.no_grad():
+        comp = dec.components["linear1"]
+        comp.U.copy_(torch.tensor([[1.0, 0.0, 1e-3], [0.02, 1.0, 0.0]]))  # subcomponent 0 a little off e1
+        comp.V.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]]))
+    m = analysis.evaluate_tms(dec, tmp_path)
+    assert m["ml2r"] == pytest.approx((1e-3 + 1.0) / 2, abs=1e-4)
+    assert m["ml2r_large"] == pytest.approx((math.hypot(1.0, 0.02) + 1.0) / 2, abs=1e-4)
+    assert m["mmcs_large"] == pytest.approx((1 / math.hypot(1.0, 0.02) + 1.0) / 2, abs=1e-5)
+    assert m["linear1/n_large_subcomponents"] == 2
 
 
 def test_ci_l0_alive_and_permutation():
@@ -1185,19 +1298,21 @@ def test_report_tables_tms_mean_std_identity_count_and_resid_per_layer(tmp_path)
     def fake_run(name, model, seed, metrics):
         (tmp_path / name).mkdir()
         spd_cfg = dataclasses.asdict(spd.SPDConfig(**{**train.PRESETS[model], "seed": seed}))
-        config = {"model": model, "spd": spd_cfg, "target": models.TARGET_PRESETS[model]}
+        config = {"model": model, "spd": spd_cfg, "target": models.TARGET_PRESETS[model],
+                  "command": f"python train.py --model {model} --seed {seed} --out {tmp_path / name}", "code": "abc"}
         (tmp_path / name / "config.json").write_text(json.dumps({"config": config}))
         (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
 
-    fake_run("a", "tms_5-2", 0, {"mmcs": 1.0, "ml2r": 0.99, "linear1/n_large_subcomponents": 5})
-    fake_run("b", "tms_5-2", 1, {"mmcs": 0.98, "ml2r": 1.01, "linear1/n_large_subcomponents": 4})
+    fake_run("a", "tms_5-2", 0, {"mmcs": 1.0, "ml2r": 0.99, "linear1/n_large_subcomponents": 5, "ml2r_large": 0.99})
+    fake_run("b", "tms_5-2", 1, {"mmcs": 0.98, "ml2r": 1.01, "linear1/n_large_subcomponents": 4, "ml2r_large": 1.02})
     fake_run("c", "tms_5-2-id", 0, {"mmcs": 1.0, "ml2r": 1.0, "hidden_layers.0/n_large_subcomponents": 2})
     analysis.report(tmp_path, tmp_path / "out")
     md = (tmp_path / "out" / "tms_table1.md").read_text()
     # mean and sample std by hand: MMCS 0.99 ± 0.0141, ML2R 1.00 ± 0.0141
-    assert "| tms_5-2 | 0.990 ± 0.014 | 1.000 ± 0.014 | 2 | 40000 | 1.000 ± 0.000 | 0.993 ± 0.002 | 5, 4 (5) | – |" in md
-    assert "| tms_5-2-id | 1.000 ± 0.000 | 1.000 ± 0.000 | 1 | 40000 |" in md and "| ? (5) | 2 (2) |" in md
-    assert f"python train.py --model tms_5-2 --seed 1 --steps 40000 --out {tmp_path / 'b'}" in md
+    assert ("| tms_5-2 | 0.990 ± 0.014 | 1.000 ± 0.014 | 2 | 40000 | 1.000 ± 0.000 | 0.993 ± 0.002 | 5, 4 (5) | – | "
+            "1.005 (2 seeds) |") in md
+    assert "| tms_5-2-id | 1.000 ± 0.000 | 1.000 ± 0.000 | 1 | 40000 |" in md and "| ? (5) | 2 (2) | – |" in md
+    assert f"python train.py --model tms_5-2 --seed 1 --out {tmp_path / 'b'}  # code abc" in md
     resid = {"in_monosemantic_fraction": 0.5, "out_alive_count": 50, "out_active_fraction": 0.9, "out_dense_count": 48,
              "neuron_contribution_corr": 0.99, "eval_losses": {"stochastic_recon": 1e-5}}
     fake_run("d", "resid_mlp2", 0, {**resid, "in_monosemantic_by_layer": {"layers.0.mlp_in": 0.9, "layers.1.mlp_in": 0.6},
@@ -1305,11 +1420,13 @@ def test_benchmark_against_another_checkout(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     row = [line for line in res.stdout.splitlines() if line.startswith("tms_5-2")][0].split()
-    assert row[5].endswith("x") and len(row) == 7  # preset ci_fn seq other this speedup, then the one round
+    assert row[5].endswith("x") and len(row) == 9  # preset ci_fn seq other this speedup, two peak GB, the one round
     saved = json.loads((tmp_path / "ab.json").read_text())["ms_per_step"]["tms_5-2/None/None"]
-    assert len(saved["other"]) == len(saved["this"]) == 1
+    assert len(saved["other"]) == len(saved["this"]) == 1 and saved["peak_gb"]["this"] > 0
     res = subprocess.run(cmd + ["--against", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "no benchmark.py there" in res.stderr
+    res = subprocess.run(cmd + ["--reference", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and "pass a checkout of goodfire-ai/spd" in res.stderr
 
 
 def test_benchmark_params_count_matches_a_hand_count():

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import subprocess
+import sys
 import time
 import typing
 from pathlib import Path
@@ -170,6 +172,7 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--resume: cannot read {out / 'config.json'} ({e}); start afresh with another --out")
     saved_spd = {**dataclasses.asdict(spd.SPDConfig()), **saved.get("spd", {})}  # a field newer than the run: its default
+    run_config["command"] = saved.get("command", run_config["command"])  # the command that started the run
     if saved.get("model") != run_config["model"] or saved_spd != run_config["spd"]:
         diff = sorted(k for k in run_config["spd"] if saved_spd.get(k) != run_config["spd"][k])
         raise SystemExit(f"--resume: the run in {out} was made with other settings (model {saved.get('model')}; "
@@ -244,6 +247,7 @@ def code_version() -> str:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.model not in PRESETS:
         raise SystemExit(f"unknown --model {args.model!r}; choose one of: {', '.join(PRESETS)}")
@@ -282,7 +286,8 @@ def main(argv=None) -> dict:
         raise SystemExit(str(e))
     sample = (lambda b, g=None: prompts) if args.model == "gpt2" else models.batch_fn(tcfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg, "code": code_version()}
+    run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg, "code": code_version(),
+                  "command": "python train.py " + shlex.join(argv)}
     training = reload_finished(dec, out) if args.evaluate_only else decompose(args, cfg, dec, sample, gen, run_config, out)
 
     # --- evaluation, from a fixed RNG state (its stochastic losses draw masks): --evaluate_only repeats it exactly

@@ -1,7 +1,7 @@
 """Mutation check of the test suite: break one line of spd.py at a time and see whether the tests fail.
 
     python mutations.py                      # every mutation below against the fast tests
-    python mutations.py --tests test_spd.py  # another test selection (pytest arguments)
+    python mutations.py test_spd.py -k "not recovers"   # another test selection (pytest arguments)
 
 Each mutation is a one-line bug a reader of the paper could plausibly write. spd.py is restored after
 each run (and if the script is interrupted or terminated); while it runs, the checkout's spd.py is
@@ -87,8 +87,9 @@ MUTATIONS = [  # (name, the line as it is in spd.py, the bug)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tests", nargs="+", default=FAST_TESTS)
+    ap.add_argument("tests", nargs=argparse.REMAINDER, help=f"pytest arguments (default: {' '.join(FAST_TESTS)})")
     args = ap.parse_args()
+    args.tests = args.tests or FAST_TESTS
     path = HERE / "spd.py"
     original = path.read_text()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so that `finally` restores spd.py

@@ -671,6 +671,17 @@ def make_optimizer(dec: Decomposition, cfg: SPDConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
 
 
+DIVERGED = 1e4  # a total loss this many times the lowest one seen in the run counts as diverged
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during optimize: the step it stopped after (a checkpoint of it was written if asked for)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted after step {step}")
+        self.step = step
+
+
 def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple], cfg: SPDConfig,
              log: Callable[[int, dict], None] | None = None, log_every: int = 1000,
              checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None, save_every: int = 0,
@@ -678,37 +689,78 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     """SPD Algorithm 1's training loop: AdamW (make_optimizer) over U, V and Γ.
     batch_fn(batch_size) returns inputs x, or (x, valid) with valid [B, S] marking real positions.
     Calls log(step, losses) every log_every steps and checkpoint(step, optimizer) every save_every
-    steps and at the end. A resumed run passes start_step and the optimizer's saved state_dict. Raises
-    FloatingPointError on a non-finite loss (what was last checkpointed is kept)."""
+    steps and at the end. A resumed run passes start_step and the optimizer's saved state_dict.
+    Raises FloatingPointError on a non-finite total loss or one DIVERGED times the lowest seen (checked
+    every step on a CPU, every log_every steps and before each checkpoint on a GPU, where the check
+    costs a host-device sync); a checkpoint is written only after a step whose loss passed it. Ctrl-C finishes the
+    current step, checkpoints it and raises Interrupted (a second Ctrl-C stops at once)."""
     from tqdm import tqdm
 
     opt = make_optimizer(dec, cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     losses_fn = spd_losses_fast if fast_path(dec) else spd_losses  # section K: same values, faster on a CPU
-    losses = {}
+    check_every = 1 if next(dec.parameters()).device.type == "cpu" else log_every
+    losses, lowest, stop = {}, math.inf, []
     bar = tqdm(range(start_step, cfg.steps), disable=not progress, desc="SPD", dynamic_ncols=True, mininterval=1.0,
                initial=start_step, total=cfg.steps)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, valid = split_batch(batch_fn(cfg.batch_size))
-        losses = losses_fn(dec, x, cfg, p_at(step, cfg), valid)
-        if not torch.isfinite(losses["total"]):
-            bad = {k: v.item() for k, v in losses.items()}
-            raise FloatingPointError(f"non-finite loss at step {step}: {bad}; try a lower --lr "
-                                     f"(was {cfg.lr}) or check the target model's outputs")
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        opt.step()
-        if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
-            log(step, {k: v.item() for k, v in losses.items()})
-            bar.set_postfix(total=f"{losses['total'].item():.3g}")
-        if checkpoint is not None and save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps:
-            checkpoint(step + 1, opt)
+    with _first_ctrl_c_sets(stop):
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            x, valid = split_batch(batch_fn(cfg.batch_size))
+            losses = losses_fn(dec, x, cfg, p_at(step, cfg), valid)
+            saving = checkpoint is not None and save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps
+            if step % check_every == 0 or saving or stop:
+                lowest = _check_finite_and_not_diverged(losses, step, lowest, cfg)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            opt.step()
+            if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
+                log(step, {k: v.item() for k, v in losses.items()})
+                bar.set_postfix(total=f"{losses['total'].item():.3g}")
+            if saving or (stop and checkpoint is not None):
+                checkpoint(step + 1, opt)
+            if stop:
+                raise Interrupted(step + 1)
     if checkpoint is not None:
         checkpoint(cfg.steps, opt)
     return {k: v.item() for k, v in losses.items()}
+
+
+def _check_finite_and_not_diverged(losses: dict, step: int, lowest: float, cfg: SPDConfig) -> float:
+    """The lowest total so far, or FloatingPointError naming the step and the losses."""
+    total = losses["total"].item()
+    if math.isfinite(total) and total <= DIVERGED * lowest:
+        return min(lowest, total)
+    values = {k: f"{v.item():.3g}" for k, v in losses.items()}
+    what = "non-finite loss" if not math.isfinite(total) else f"loss diverged ({DIVERGED:g} x its lowest, {lowest:.3g})"
+    raise FloatingPointError(f"{what} at step {step}: {values}; try a lower --lr (was {cfg.lr}) or check the "
+                             f"target model's outputs")
+
+
+@contextmanager
+def _first_ctrl_c_sets(stop: list):
+    """Within the block, a first SIGINT (Ctrl-C) appends to `stop` instead of raising; a second one
+    raises KeyboardInterrupt at once. Only in the main thread (signals cannot be caught elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(*_):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+        print("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)", flush=True)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ================================================================================================

@@ -462,6 +462,14 @@ def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, capsys
     a, b = (torch.load(tmp_path / d / "decomposition.pt", weights_only=True) for d in ("whole", "killed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if never killed
     assert resumed["final_losses"] == whole["final_losses"]
+    lines = lambda d: (tmp_path / d / "losses.jsonl").read_text()  # noqa: E731
+    assert lines("killed") == lines("whole")  # one run: the lines logged after the checkpoint are not repeated
+    finished = {d: (tmp_path / d / "metrics.json").read_text() for d in ("killed", "whole")}
+    with pytest.raises(SystemExit, match="holds a finished run .*nothing to continue; add --evaluate_only"):
+        cli("killed", "--resume")
+    with pytest.raises(SystemExit, match=r"--evaluate_only: the run in .* other settings .*\['importance_minimality'\]"):
+        cli("whole", "--evaluate_only", "--importance_minimality", "0.5")
+    assert finished == {d: (tmp_path / d / "metrics.json").read_text() for d in ("killed", "whole")}  # nothing rewritten
     state_file = tmp_path / "other_threads" / "train_state.pt"  # checkpointed with another thread count
     state = torch.load(state_file, weights_only=True)
     assert state["threads"] == torch.get_num_threads()
@@ -469,6 +477,60 @@ def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, capsys
     capsys.readouterr()
     cli("other_threads", "--resume")
     assert f"checkpointed with {state['threads'] + 1} CPU threads" in capsys.readouterr().out
+
+
+def test_cli_a_diverging_run_stops_says_so_and_keeps_its_last_good_checkpoint(tmp_path):
+    """A loss that explodes without becoming NaN (the issue's --lr 1e4 with a long warm-up) stops the
+    run with one line naming the step, no traceback, and the checkpoint before it kept."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--model", "tms_5-2", "--steps", "400", "--batch_size", "64", "--target_steps",
+           "200", "--lr", "10", "--lr_warmup_pct", "0.9", "--lr_schedule", "constant", "--save_every", "20",
+           "--target_dir", str(tmp_path / "targets"), "--no_progress", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, timeout=600)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert re.search(r"loss diverged \(10000 x its lowest, .*\) at step (\d+)", res.stderr), res.stderr
+    step = int(re.search(r"at step (\d+)", res.stderr).group(1))
+    saved = json.loads((out / "config.json").read_text())["step"]
+    assert 0 < saved <= step and f"the last checkpoint, of step {saved}, is kept" in res.stderr
+    assert not (out / "metrics.json").exists()
+
+
+def test_cli_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
+    """Ctrl-C (SIGINT) finishes the step, checkpoints it, prints the step and the --resume command
+    (no traceback); that command, run as printed, finishes the run."""
+    import json
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    here, out = Path(__file__).parent, tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--model", "tms_5-2", "--steps", "3000", "--batch_size", "64", "--target_steps",
+           "200", "--log_every", "50", "--target_dir", str(tmp_path / "targets"), "--no_progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=here)
+    deadline = time.time() + 300
+    while not (out / "losses.jsonl").exists() or len((out / "losses.jsonl").read_text().splitlines()) < 2:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in stderr, stderr
+    step = int(re.search(r"interrupted: checkpoint of step (\d+) saved in", stderr).group(1))
+    assert json.loads((out / "config.json").read_text())["step"] == step and 0 < step < 3000
+    resume_cmd = stderr.strip().splitlines()[-1].strip()
+    assert resume_cmd.startswith("python train.py --model tms_5-2") and resume_cmd.endswith(" --resume")
+    res = subprocess.run([sys.executable, *shlex.split(resume_cmd)[1:]], capture_output=True, text=True, cwd=here,
+                         timeout=600)
+    assert res.returncode == 0 and f"resuming {out} at step {step}" in res.stdout, res.stderr
+    logged = [json.loads(line)["step"] for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged)) and logged[-1] == 2999 and (out / "metrics.json").exists()
 
 
 def test_code_version_is_unknown_for_an_untracked_copy(tmp_path):

@@ -167,16 +167,8 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
     if not path.exists():
         raise SystemExit(f"--resume: no checkpoint to resume in {out} (train_state.pt is written every "
                          f"--save_every steps); drop --resume to start afresh")
-    try:
-        saved = json.loads((out / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"--resume: cannot read {out / 'config.json'} ({e}); start afresh with another --out")
-    saved_spd = {**dataclasses.asdict(spd.SPDConfig()), **saved.get("spd", {})}  # a field newer than the run: its default
+    saved = same_settings("--resume", out, run_config)
     run_config["command"] = saved.get("command", run_config["command"])  # the command that started the run
-    if saved.get("model") != run_config["model"] or saved_spd != run_config["spd"]:
-        diff = sorted(k for k in run_config["spd"] if saved_spd.get(k) != run_config["spd"][k])
-        raise SystemExit(f"--resume: the run in {out} was made with other settings (model {saved.get('model')}; "
-                         f"differing flags: {diff}); use the same flags or another --out")
     try:
         meta = spd.load(dec, out)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -197,9 +189,30 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
     return state["step"], state["optimizer"]
 
 
+def same_settings(flag: str, out: Path, run_config: dict) -> dict:
+    """The saved run config of `out`, after checking that it was made with this model and these SPD
+    settings (a field newer than the run counts as its default); else SystemExit naming the flags."""
+    if not (out / "config.json").exists():
+        raise SystemExit(f"{flag}: {out / 'config.json'} not found; is {out} a run folder written by train.py?")
+    try:
+        saved = json.loads((out / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{flag}: cannot read {out / 'config.json'} ({e}); start afresh with another --out")
+    saved_spd = {**dataclasses.asdict(spd.SPDConfig()), **saved.get("spd", {})}
+    if saved.get("model") != run_config["model"] or saved_spd != run_config["spd"]:
+        diff = sorted(k for k in run_config["spd"] if saved_spd.get(k) != run_config["spd"][k])
+        raise SystemExit(f"{flag}: the run in {out} was made with other settings (model {saved.get('model')}; "
+                         f"differing flags: {diff}); use the same flags or another --out")
+    return saved
+
+
 def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path) -> dict:
     """The training part of a run (fresh or --resume); returns its final losses and timing."""
     start, opt_state = resume(args, dec, run_config, out, gen) if args.resume else (0, None)
+    if args.resume:  # keep the loss lines up to the checkpoint: the lines after it are logged again
+        kept = [l for l in (out / "losses.jsonl").read_text().splitlines() if l.strip() and json.loads(l)["step"] < start] \
+            if (out / "losses.jsonl").exists() else []
+        (out / "losses.jsonl").write_text("".join(l + "\n" for l in kept))
     log_file = open(out / "losses.jsonl", "a" if args.resume else "w")
 
     def log(step, losses):
@@ -215,14 +228,28 @@ def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path) -> dict:
                              save_every=args.save_every, progress=not args.no_progress,
                              start_step=start, opt_state=opt_state)
     except FloatingPointError as e:
-        raise SystemExit(f"{e}\nthe last checkpoint (if any) is in {out}")
+        raise SystemExit(f"{e}\n{last_checkpoint(out)}")
+    except spd.Interrupted as e:
+        resume_cmd = run_config["command"] + ("" if "--resume" in run_config["command"].split() else " --resume")
+        raise SystemExit(f"interrupted: checkpoint of step {e.step} saved in {out}; continue with:\n  {resume_cmd}")
     seconds = time.time() - t0
     return {"final_losses": final, "seconds": seconds, "ms_per_step": 1000 * seconds / max(cfg.steps - start, 1)}
 
 
-def reload_finished(dec, out: Path) -> dict:
-    """--evaluate_only: loads the finished run in `out` into dec; returns the training part of its
-    metrics.json unchanged (final losses and timing), so only the evaluation is recomputed."""
+def last_checkpoint(out: Path) -> str:
+    """Where a stopped run can be picked up: its last checkpoint's step, or that there is none."""
+    try:
+        step = json.loads((out / "config.json").read_text())["step"]
+        return f"the last checkpoint, of step {step}, is kept in {out} (continue it with --resume)"
+    except (OSError, ValueError, KeyError):
+        return f"no checkpoint was written in {out}"
+
+
+def reload_finished(dec, out: Path, run_config: dict) -> dict:
+    """--evaluate_only: loads the finished run in `out` into dec, after checking it was made with
+    these settings; returns the training part of its metrics.json unchanged (final losses and
+    timing), so only the evaluation is recomputed."""
+    same_settings("--evaluate_only", out, run_config)
     try:
         spd.load(dec, out)
         old = json.loads((out / "metrics.json").read_text())
@@ -258,6 +285,9 @@ def main(argv=None) -> dict:
         raise SystemExit(str(e))
     device = pick_device(args.device)
     out = Path(args.out or f"runs/{args.model}_seed{cfg.seed}")
+    if args.resume and (out / "metrics.json").exists():
+        raise SystemExit(f"--resume: {out} holds a finished run (metrics.json), there is nothing to continue; "
+                         f"add --evaluate_only instead to re-evaluate it, or pass another --out")
     if (out / "config.json").exists() and not (args.resume or args.evaluate_only):  # never overwrite a saved run
         if (out / "metrics.json").exists():
             raise SystemExit(f"{out} holds a finished run; add --evaluate_only to re-evaluate it, or pass another "
@@ -288,7 +318,7 @@ def main(argv=None) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg, "code": code_version(),
                   "command": "python train.py " + shlex.join(argv)}
-    training = reload_finished(dec, out) if args.evaluate_only else decompose(args, cfg, dec, sample, gen, run_config, out)
+    training = reload_finished(dec, out, run_config) if args.evaluate_only else decompose(args, cfg, dec, sample, gen, run_config, out)
 
     # --- evaluation, from a fixed RNG state (its stochastic losses draw masks): --evaluate_only repeats it exactly
     torch.manual_seed(12345)

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import models
 import spd
@@ -273,9 +274,10 @@ def plot_one_hot_ci(ci: dict[str, torch.Tensor], path: Path) -> None:
         g = g.cpu()
         alive_cols = int((g > 0.1).any(0).sum())
         perm = spd.permute_to_identity(g)
-        ax.imshow(g[:, perm][:, : max(alive_cols, g.shape[0])], aspect="auto", cmap="Blues", vmin=0, vmax=1)
+        im = ax.imshow(g[:, perm][:, : max(alive_cols, g.shape[0])].numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1)
         ax.set_title(f"{name} ({alive_cols} subcomponents with g > 0.1)", fontsize=8)
         ax.set_xlabel("subcomponent (permuted)"), ax.set_ylabel("input feature")
+        fig.colorbar(im, ax=ax, label="causal importance g")
     _save(fig, path)
 
 
@@ -451,7 +453,7 @@ def truncate_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, r: int) -> 
 
 
 def svd_prune_path(weights: dict[str, torch.Tensor], loss_fn: Callable[[dict[str, torch.Tensor]], float],
-                   tau: float = math.inf) -> list[dict]:
+                   tau: float = math.inf, progress: bool = False) -> list[dict]:
     """Appendix Algorithm 2, recording each accepted step. Every round, for each matrix i of
     remaining rank > 0 form W'_i by dropping its smallest remaining singular triple, evaluate
     L_i = loss_fn(all current weights with W_i -> W'_i) (cumulative: earlier truncations stay), pick
@@ -463,6 +465,8 @@ def svd_prune_path(weights: dict[str, torch.Tensor], loss_fn: Callable[[dict[str
     svd = {n: torch.linalg.svd(W, full_matrices=False) for n, W in current.items()}
     ranks = {n: int(S.numel()) for n, (_, S, _) in svd.items()}
     steps = []
+    bar = tqdm(total=sum(ranks.values()), desc="Figure 2: greedy SVD pruning (ranks dropped)", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
     while any(ranks.values()):
         losses = {}
         for n in current:
@@ -474,6 +478,8 @@ def svd_prune_path(weights: dict[str, torch.Tensor], loss_fn: Callable[[dict[str
         ranks[j] -= 1
         current[j] = truncate_svd(*svd[j], ranks[j])
         steps.append({"matrix": j, "ranks": dict(ranks), "loss": losses[j]})
+        bar.update()
+    bar.close()
     return steps
 
 
@@ -518,12 +524,12 @@ def last_token_kl_fn(target: torch.nn.Module, tokens: torch.Tensor) -> Callable[
 
 @torch.no_grad()
 def figure2(dec: spd.Decomposition, target: torch.nn.Module, tokens: torch.Tensor, taus=DEFAULT_TAUS,
-            out_path: Path | None = None) -> dict:
+            out_path: Path | None = None, progress: bool = False) -> dict:
     """Figure 2: greedy SVD pruning (total retained rank Σ_i rank_i vs final-position KL, one point per
     tau) against SPD at two sizes, each with its L_recon KL: the total unique active subcomponents
     (g > 0 anywhere on the batch) and the mean per example. `target` is dec.target."""
     weights = {n: W.detach().clone() for n, W in dec.target_weights().items()}
-    steps = svd_prune_path(weights, last_token_kl_fn(target, tokens), max(taus))
+    steps = svd_prune_path(weights, last_token_kl_fn(target, tokens), max(taus), progress)
     svd = []
     for tau in taus:
         ranks, loss = prune_at(steps, weights, tau)
@@ -595,9 +601,9 @@ def plot_attention(dec: spd.Decomposition, tokens: torch.Tensor, ci: dict[str, t
     for l in range(L):
         for ax, A, who in ((axes[l, 0], A_t[l], "target"), (axes[l, 1], A_m[l], "CI-masked")):
             ax.imshow(A[0].cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
-            for pos, lab in ((s1, "s1"), (s1 + 1, "m")):
+            for pos, lab, side in ((s1, "s1", "right"), (s1 + 1, "m", "left")):  # adjacent: one label each side
                 ax.axvline(pos, color="w", lw=0.5, ls=":")
-                ax.text(pos, -1, lab, ha="center", fontsize=7)
+                ax.text(pos + (0.6 if side == "left" else -0.6), -1, lab, ha=side, fontsize=7)
             ax.set_title(f"layer {l} ({who})", fontsize=9)
             ax.set_xlabel("key"), ax.set_ylabel("query")
     _save(fig, path)
@@ -608,7 +614,7 @@ def plot_attention(dec: spd.Decomposition, tokens: torch.Tensor, ci: dict[str, t
 
 @torch.no_grad()
 def evaluate_induction(dec: spd.Decomposition, target: torch.nn.Module, cfg: spd.SPDConfig, out_dir: Path,
-                       n_eval: int = 1024, seed: int = 0, taus=DEFAULT_TAUS) -> dict:
+                       n_eval: int = 1024, seed: int = 0, taus=DEFAULT_TAUS, progress: bool = False) -> dict:
     """Table 1 (a, b at thresholds 0 and 0.1; c), Figure 2 and the attention patterns of the first
     example, on n_eval fresh sequences of the target (a models.InductionTransformer; target is
     dec.target). Table 1c always uses KL at the last position (the paper's setting); cfg (the run's
@@ -625,7 +631,7 @@ def evaluate_induction(dec: spd.Decomposition, target: torch.nn.Module, cfg: spd
     table1c.update({f"attn_kl_{k}": v for k, v in attention_kl(dec, tokens, ci).items()})
     out = {"n_eval": n_eval, "trained_with": {"output_loss": cfg.output_loss, "last_token_only": cfg.last_token_only},
            "table1_t0": table1_counts(ci, s1_pos, 0.0), "table1_t0.1": table1_counts(ci, s1_pos, 0.1),
-           "table1c": table1c, "figure2": figure2(dec, target, tokens, taus, out_dir / "figure2.png")}
+           "table1c": table1c, "figure2": figure2(dec, target, tokens, taus, out_dir / "figure2.png", progress)}
     plot_table1(out["table1_t0"], out_dir / "table1.png")
     plot_attention(dec, tokens[:1], {n: g[:1] for n, g in ci.items()}, int(s1_pos[0]), out_dir / "attention_patterns.png")
     (out_dir / "table1.md").write_text(results_table1_markdown(out))
@@ -870,7 +876,8 @@ def _edits_of(unique: dict[str, list[dict]], pattern: str = "*") -> dict[str, li
 
 @torch.no_grad()
 def evaluate_gpt2(dec: spd.Decomposition, target: torch.nn.Module, tokenizer, out_dir: Path,
-                  sentences: list[str] = PROMPTS, threshold: float = 0.0, max_single: int = 16) -> dict:
+                  sentences: list[str] = PROMPTS, threshold: float = 0.0, max_single: int = 16,
+                  progress: bool = False) -> dict:
     """§6.2 on the decomposed prompts: active and unique subcomponents; Figure 3 (suppressing each
     prompt's unique subcomponents, all of them and those in the layer-0 MLP, vs the FACTS set);
     Figure 4 (prompt 0's unique slices one at a time, and all together); Figure 9 (zeroing each
@@ -889,20 +896,20 @@ def evaluate_gpt2(dec: spd.Decomposition, target: torch.nn.Module, tokenizer, ou
            "p_full": next_token_prob(model_fn, tokens, valid).tolist(), "suppression": {}}
 
     # Figure 3: one group per (prompt, edit set)
-    for b in range(len(sentences)):
-        for label, pattern in (("all", "*"), ("layer0_mlp", "*h.0.mlp.*")):
-            edits = _edits_of(uniq["unique"][b], pattern)
-            if edits:
-                out["suppression"][f"prompt{b}_{label}"] = {
-                    "edits": edits, **fact_suppression(dec, edits, tokens, valid, fact_tokens, fact_valid)}
+    groups = [(b, label, pattern) for b in range(len(sentences)) for label, pattern in (("all", "*"), ("layer0_mlp", "*h.0.mlp.*"))]
+    for b, label, pattern in tqdm(groups, desc="Figure 3: suppressing unique subcomponents", disable=not progress):
+        edits = _edits_of(uniq["unique"][b], pattern)
+        if edits:
+            out["suppression"][f"prompt{b}_{label}"] = {
+                "edits": edits, **fact_suppression(dec, edits, tokens, valid, fact_tokens, fact_valid)}
 
     # Figure 4: prompt 0's unique slices one at a time
     singles = []
-    for name, ds in uniq["unique"][0].items():
-        for d in ds:
-            with suppress(dec, {name: [d["c"]]}):
-                p = float(next_token_prob(model_fn, tokens[:1], valid[:1]))
-            singles.append({"matrix": name, "c": d["c"], "tokens": d["tokens"], "p": p})
+    one_by_one = [(name, d) for name, ds in uniq["unique"][0].items() for d in ds]
+    for name, d in tqdm(one_by_one, desc="Figure 4: one slice at a time", disable=not progress):
+        with suppress(dec, {name: [d["c"]]}):
+            p = float(next_token_prob(model_fn, tokens[:1], valid[:1]))
+        singles.append({"matrix": name, "c": d["c"], "tokens": d["tokens"], "p": p})
     out["single_slices"] = sorted(singles, key=lambda s: s["p"])
 
     # Figure 9
@@ -957,6 +964,7 @@ def plot_figure9(res: dict, path: Path) -> None:
         ax.plot(range(len(probs)), probs, "o-", color=f"C{b}", label=res["sentences"][b][:32])
         ax.axhline(res["p_full"][b], color=f"C{b}", ls="--", lw=0.8)
     ax.set_xlabel("MLP layer zeroed")
+    ax.set_xticks(range(len(res["zero_mlp"][0])))  # layer numbers are integers
     ax.set_ylabel("P(answer)")
     ax.set_title("zeroing whole MLP layers (Figure 9)", fontsize=9)
     ax.legend(fontsize=7)

@@ -58,8 +58,7 @@ def build(preset: str, ci_fn: str | None, seq_len: int | None, device: torch.dev
         fn = models.batch_fn(tcfg, device)
         sample = lambda b: fn(b)  # noqa: E731
     torch.manual_seed(0)
-    dec = spd.Decomposition(target.to(device), cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate,
-                            max_seq_len=S, tied_updates=cfg.tied_updates).to(device)
+    dec = spd.Decomposition.from_config(target.to(device), cfg, max_seq_len=S).to(device)
     return dec, cfg, sample
 
 

@@ -24,6 +24,7 @@ for the residual MLP, LayerNorm or MLPs in the induction transformer.
 
 import math
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -525,10 +526,27 @@ def _import_transformers():
 
 
 def load_gpt2(name_or_dir="gpt2"):
-    """Pretrained GPT2LMHeadModel (eval mode) and its tokenizer, from the hub or a local dir."""
+    """Pretrained GPT2LMHeadModel (eval mode) and its tokenizer, from the hub or a local dir.
+    Raises OSError (missing folder, no network) or ValueError (tokenizer and model disagree), each
+    saying what to pass instead."""
     transformers = _import_transformers()
-    model = transformers.GPT2LMHeadModel.from_pretrained(name_or_dir)
-    tokenizer = transformers.GPT2TokenizerFast.from_pretrained(name_or_dir)
+    name = str(name_or_dir)
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):  # hub ids: org/name
+        raise OSError(f"--pretrained {name}: no such folder; pass a folder saved with save_pretrained "
+                      f"(weights, config.json and tokenizer files) or an HF model name such as gpt2")
+    try:
+        model = transformers.GPT2LMHeadModel.from_pretrained(name)
+        tokenizer = transformers.GPT2TokenizerFast.from_pretrained(name)
+    except OSError as e:
+        raise OSError(f"--pretrained {name}: cannot load it ({str(e).strip().splitlines()[0][:200]}). Without a "
+                      f"network, save it on a machine that has one (python -c \"import transformers as t; "
+                      f"[c.from_pretrained('{name}').save_pretrained('gpt2_local') for c in (t.GPT2LMHeadModel, "
+                      f"t.GPT2TokenizerFast)]\") and pass --pretrained gpt2_local") from None
+    n_tok, n_vocab = len(tokenizer), model.config.vocab_size
+    if n_tok > n_vocab or n_tok < 0.9 * n_vocab:
+        raise ValueError(f"--pretrained {name}: the tokenizer has {n_tok} tokens but the model's vocabulary has "
+                         f"{n_vocab}; the folder's tokenizer files (vocab.json, merges.txt or tokenizer.json) are "
+                         f"missing or belong to another model")
     return model.eval(), tokenizer
 
 

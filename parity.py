@@ -31,6 +31,7 @@ layers.i.mlp_in.weight / mlp_out.weight are ours under the same names.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -73,7 +74,7 @@ def make_inputs(model: str, seed: int = 0, batch_size: int | None = None, n_mask
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        dec = spd.Decomposition(target, cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate)
+        dec = spd.Decomposition.from_config(target, cfg)
     with torch.no_grad():
         for ci_fn in dec.ci_fns.values():
             ci_fn.b_in.copy_(0.1 * torch.randn(ci_fn.b_in.shape, generator=g))
@@ -188,8 +189,7 @@ def rebuild(inp: dict, tied_updates: str):
     import spd
 
     cfg, old = inp["cfg"], inp["dec"]
-    dec = spd.Decomposition(inp["target"], cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate,
-                            tied_updates=tied_updates).to(inp["x"].dtype)
+    dec = spd.Decomposition.from_config(inp["target"], dataclasses.replace(cfg, tied_updates=tied_updates)).to(inp["x"].dtype)
     dec.load_state_dict(old.state_dict())
     return dec
 
@@ -387,7 +387,7 @@ def cmd_train(args) -> None:
     run_theirs("train", job, args.ref, args.ref_python)
     seconds = time.time() - t0
     state = torch.load(out / "theirs" / f"model_{steps}.pth", map_location="cpu", weights_only=True)
-    dec = spd.Decomposition(target, cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate)
+    dec = spd.Decomposition.from_config(target, cfg)
     load_theirs(dec, state)
     losses = json.loads((out / "theirs" / "final_losses.json").read_text())
     run_config = {"model": args.model, "spd": vars(cfg), "target": tcfg, "code": train.code_version(),

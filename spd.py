@@ -96,24 +96,46 @@ class SPDConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        """Raises ValueError naming the first bad field and its value (optimize calls it too)."""
+        def bad(name, what):
+            raise ValueError(f"--{name} must be {what}, got {getattr(self, name)!r}")
+
         for name in ("steps", "batch_size", "d_gate", "n_mask_samples"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                bad(name, "a positive integer")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            bad("seed", "an integer >= 0")
         Cs = self.C.values() if isinstance(self.C, dict) else [self.C]
-        if any(not isinstance(c, int) or c <= 0 for c in Cs):
-            raise ValueError(f"--C must be a positive integer, got {self.C}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.p <= 0 or (self.p_final is not None and self.p_final <= 0):
-            raise ValueError(f"--p and --p_final must be > 0, got {self.p} and {self.p_final}")
+        if not Cs or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in Cs):
+            bad("C", "a positive integer (or from Python a non-empty dict {pattern: positive integer})")
+        if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) for t in self.targets):
+            bad("targets", "a non-empty list of module paths")
+        floats = {name: (0.0, False) for name in LOSS_COEFFICIENTS}  # name: (lowest allowed, lowest excluded)
+        floats.update(lr=(0.0, True), p=(0.0, True), p_final=(0.0, True), weight_decay=(0.0, False),
+                      lr_warmup_pct=(0.0, False))
+        for name, (lowest, excluded) in floats.items():
+            v = getattr(self, name)
+            if v is None and name == "p_final":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < lowest or (excluded and v == lowest):
+                bad(name, f"a finite number {'>' if excluded else '>='} {lowest:g}")
+        if self.lr_warmup_pct >= 1:
+            bad("lr_warmup_pct", "in [0, 1)")
         choices = {"ci_fn": CI_FNS, "output_loss": ("mse", "kl"), "init": ("projection", "normal"),
                    "lr_schedule": ("constant", "cosine", "linear"), "partial_routing": ("pass", "position"),
                    "tied_updates": TIED_UPDATES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} must be one of {sorted(allowed)}, got {getattr(self, name)!r}")
-        if not 0 <= self.lr_warmup_pct < 1:
-            raise ValueError(f"--lr_warmup_pct must be in [0, 1), got {self.lr_warmup_pct}")
+                bad(name, f"one of {sorted(allowed)}")
+
+
+# The SPDConfig fields that build a Decomposition (Decomposition.from_config); optimize checks that
+# the Decomposition it trains was built with them, so a saved config never contradicts its weights.
+ARCHITECTURE = ("targets", "C", "ci_fn", "d_gate", "init", "tied_updates")
+LOSS_COEFFICIENTS = ("faithfulness", "stochastic_recon", "stochastic_recon_layerwise", "importance_minimality",
+                     "recon", "recon_layerwise", "stochastic_recon_partial", "recon_partial")
 
 
 # ================================================================================================
@@ -316,6 +338,11 @@ class Decomposition(nn.Module):
                      if s in self.names}
         self.ci_fn = ci_fn
         self.C = {n: _pick_C(n, C) for n in self.names}
+        unused = [pat for pat in (C if isinstance(C, dict) else {}) if not any(fnmatch.fnmatchcase(n, pat) for n in self.names)]
+        if unused:
+            raise ValueError(f"C has keys {unused} that match no decomposed matrix (the matrices are {self.names})")
+        # what it was built with, in SPDConfig's terms (ARCHITECTURE): saved, and checked by optimize
+        self.settings = dict(targets=list(targets), C=C, ci_fn=ci_fn, d_gate=d_gate, init=init, tied_updates=tied_updates)
         for s, t in self.tied.items():
             if t not in self.names:
                 raise ValueError(f"{s} is tied to {t}, so {t} must be decomposed too (add it to --targets)")
@@ -341,6 +368,11 @@ class Decomposition(nn.Module):
         # (plain dict: not in state_dict, so checkpoints are the same in both modes)
         self._aliases = {s: (nn.Parameter(torch.empty(0)), nn.Parameter(torch.empty(0)))
                          for s in self.tied} if tied_updates == "separate" else {}
+
+    @classmethod
+    def from_config(cls, target: nn.Module, cfg: SPDConfig, max_seq_len: int | None = None) -> "Decomposition":
+        """The Decomposition that cfg's ARCHITECTURE fields describe (targets, C, ci_fn, d_gate, ...)."""
+        return cls(target, **{f: getattr(cfg, f) for f in ARCHITECTURE}, max_seq_len=max_seq_len)
 
     def module(self, name: str) -> nn.Module:
         return self.target.get_submodule(name)
@@ -671,6 +703,16 @@ def make_optimizer(dec: Decomposition, cfg: SPDConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
 
 
+def check_config(dec: Decomposition, cfg: SPDConfig | dict) -> None:
+    """cfg.validate(), and that dec was built with cfg's ARCHITECTURE fields; else ValueError."""
+    cfg = cfg if isinstance(cfg, SPDConfig) else SPDConfig(**{**dataclasses.asdict(SPDConfig()), **cfg})
+    cfg.validate()
+    for f in ARCHITECTURE:
+        if getattr(cfg, f) != dec.settings[f]:
+            raise ValueError(f"the config has {f} = {getattr(cfg, f)!r} but the Decomposition was built with "
+                             f"{dec.settings[f]!r}; build it with spd.Decomposition.from_config(target, cfg)")
+
+
 DIVERGED = 1e4  # a total loss this many times the lowest one seen in the run counts as diverged
 
 
@@ -690,12 +732,17 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     batch_fn(batch_size) returns inputs x, or (x, valid) with valid [B, S] marking real positions.
     Calls log(step, losses) every log_every steps and checkpoint(step, optimizer) every save_every
     steps and at the end. A resumed run passes start_step and the optimizer's saved state_dict.
+    Raises ValueError before the first step on a bad setting (check_config, log_every, save_every).
     Raises FloatingPointError on a non-finite total loss or one DIVERGED times the lowest seen (checked
     every step on a CPU, every log_every steps and before each checkpoint on a GPU, where the check
     costs a host-device sync); a checkpoint is written only after a step whose loss passed it. Ctrl-C finishes the
     current step, checkpoints it and raises Interrupted (a second Ctrl-C stops at once)."""
     from tqdm import tqdm
 
+    check_config(dec, cfg)
+    for name, v, lowest in (("log_every", log_every, 1), ("save_every", save_every, 0), ("start_step", start_step, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+            raise ValueError(f"--{name} must be an integer >= {lowest}, got {v!r}")
     opt = make_optimizer(dec, cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -815,6 +862,8 @@ def save(dec: Decomposition, out_dir: str | os.PathLike, config: dict | None = N
     config.json (format version, matrices, C, the run's config), and train_state.pt if given
     (tensors and numbers to resume from: optimizer state, RNG states). Each file is written to a
     temporary name and renamed, so a run killed mid-save keeps the previous checkpoint."""
+    if config and "spd" in config:
+        check_config(dec, config["spd"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": FORMAT_VERSION, "step": step, "names": dec.names, "C": dec.C,
@@ -839,15 +888,10 @@ def load(dec: Decomposition, run_dir: str | os.PathLike) -> dict:
     """Loads decomposition.pt into `dec` (built for the same target and settings) and returns the
     saved config.json. Raises ValueError naming what does not match."""
     run = Path(run_dir)
-    meta_path, weights_path = run / "config.json", run / "decomposition.pt"
-    for p in (meta_path, weights_path):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} not found; is {run} a run folder written by spd.save?")
-    try:
-        meta = json.loads(meta_path.read_text())
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which, keep the cause
-        raise ValueError(f"cannot read checkpoint in {run}: {str(e).splitlines()[0]}") from e
+    meta, meta_path = read_config(run), run / "config.json"
+    state = read_tensors(run / "decomposition.pt")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{run / 'decomposition.pt'} holds no state dict of tensors; is it a file written by spd.save?")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta_path} has format_version {meta.get('format_version')}, this code reads {FORMAT_VERSION}")
     shapes = {n: list(linear_weight(dec.module(n)).shape) for n in dec.names}
@@ -862,6 +906,37 @@ def load(dec: Decomposition, run_dir: str | os.PathLike) -> dict:
         raise ValueError(f"checkpoint {run} does not match this decomposition; mismatched tensors: {sorted(bad)[:8]}")
     dec.load_state_dict(state, strict=False)
     return meta
+
+
+META_KEYS = ("format_version", "step", "names", "C", "ci_fn", "tied", "shapes", "config")
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """config.json of a run folder written by save; FileNotFoundError or ValueError naming the file."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; is {Path(run_dir)} a run folder written by spd.save (or train.py)?")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it is damaged: restore it or start afresh in another folder") from None
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing or not isinstance(meta["config"], dict):
+        raise ValueError(f"{path} is not a run config written by spd.save (missing or malformed: "
+                         f"{missing or ['config']}); restore it or start afresh in another folder")
+    return meta
+
+
+def read_tensors(path: str | os.PathLike) -> dict:
+    """torch.load(path, weights_only=True), or ValueError naming the file if it is damaged."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; is {path.parent} a run folder written by spd.save (or train.py)?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch's own message may advise weights_only=False, which runs arbitrary code: never pass it on
+        raise ValueError(f"{path} cannot be read: it is truncated or not a file written by this code "
+                         f"({path.stat().st_size} bytes); restore it or start afresh in another folder") from None
 
 
 def _jsonable(o):

@@ -6,6 +6,7 @@ The training tests use scaled-down settings measured to finish in seconds on a 2
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -404,7 +405,7 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     target, _ = models.build_target("tms_5-2", steps=200)
     target.load_state_dict(torch.load(next((tmp_path / "targets").glob("*.pt")), weights_only=True))
     cfg = spd.SPDConfig(**saved["config"]["spd"])
-    dec = spd.Decomposition(target, cfg.targets, C=cfg.C, d_gate=cfg.d_gate)
+    dec = spd.Decomposition.from_config(target, cfg)
     spd.load(dec, run)
     assert spd.mmcs_ml2r(dec.target_weights()["linear1"], *dec.UV("linear1")) == (metrics["mmcs"], metrics["ml2r"])
     # re-evaluation of the finished run: same metrics, training log untouched
@@ -573,8 +574,8 @@ def test_report_command_is_the_command_that_made_the_run(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "tms_9-9"], "unknown --model 'tms_9-9'"),
-    (["--model", "tms_5-2", "--steps", "-5"], "--steps must be positive, got -5"),
-    (["--model", "tms_5-2", "--C", "0"], "--C must be a positive integer, got 0"),
+    (["--model", "tms_5-2", "--steps", "-5"], "--steps must be a positive integer, got -5"),
+    (["--model", "tms_5-2", "--C", "0"], r"--C must be a positive integer \(or from Python .*\), got 0"),
     (["--model", "tms_5-2", "--ci_fn", "magic"], "--ci_fn must be one of"),
     (["--model", "tms_5-2", "--device", "tpu"], "--device must be auto, cpu or cuda, got 'tpu'"),
 ])
@@ -634,3 +635,169 @@ def test_cli_gpt2_from_a_local_folder(tmp_path):
                       "--C", "8", "--d_gate", "4")
     assert len(metrics["ci_l0"]) == 8  # 4 Conv1D matrices x 2 blocks
     assert (tmp_path / "run" / "decomposition.pt").exists()
+
+
+# --- Every mistake: one line naming the value, no traceback, nothing saved changed (issue 17) ---------
+
+TRAIN = Path(__file__).parent / "train.py"
+SMALL = ["--steps", "30", "--batch_size", "16", "--target_steps", "20", "--save_every", "10", "--no_progress"]
+
+
+def train_subprocess(tmp_path, *argv, env=None):
+    """train.py as a user runs it, in tmp_path: (exit code, stdout, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(TRAIN), *argv], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=600, env={**os.environ, **(env or {})})
+    return res.returncode, res.stdout, res.stderr
+
+
+def assert_one_clear_line(rc, stderr, *names):
+    assert rc == 1 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert all(name in last for name in names), stderr
+    assert "weights_only=False" not in stderr and "weights_only` set to `False" not in stderr  # never advise it
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["--lr", "nan"], ["--lr", "nan"]),
+    (["--p", "inf"], ["--p ", "inf"]),
+    (["--faithfulness", "nan"], ["--faithfulness", "nan"]),  # the NaN names its own flag, not --lr
+    (["--weight_decay", "-1"], ["--weight_decay", "-1"]),
+    (["--importance_minimality", "-0.1"], ["--importance_minimality", "-0.1"]),
+    (["--stochastic_recon_layerwise", "-1"], ["--stochastic_recon_layerwise", "-1"]),
+    (["--lr_warmup_pct", "1"], ["--lr_warmup_pct", "1"]),
+    (["--seed", "-1"], ["--seed", "-1"]),
+    (["--log_every", "0"], ["--log_every", "0"]),
+    (["--save_every", "-1"], ["--save_every", "-1"]),
+    (["--n_hidden", "0"], ["n_hidden", "0"]),
+    (["--target_steps", "0"], ["--target_steps", "0"]),
+    (["--out", "a_file"], ["--out a_file", "is a file"]),
+    (["--out", "a_file/run"], ["--out a_file/run", "cannot create"]),
+    (["--model", "gpt2", "--dataset", "missing.txt"], ["--dataset missing.txt", "not found"]),
+    (["--model", "gpt2", "--dataset", "a_file"], ["--dataset a_file", "no non-empty line"]),
+    (["--model", "gpt2", "--pretrained", "./no_such_folder"], ["--pretrained ./no_such_folder", "no such folder"]),
+])
+def test_cli_bad_flag_is_one_line_naming_it_and_leaves_no_folder(tmp_path, argv, names):
+    (tmp_path / "a_file").write_text("\n\n")
+    model = [] if "--model" in argv else ["--model", "tms_5-2"]
+    out = [] if "--out" in argv else ["--out", "run"]
+    rc, _, stderr = train_subprocess(tmp_path, *model, *out, *SMALL, *argv)
+    assert_one_clear_line(rc, stderr, *names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no run folder, no target cache
+
+
+def test_cli_gpt2_without_network_says_how_to_pass_a_local_folder(tmp_path):
+    pytest.importorskip("transformers")
+    rc, _, stderr = train_subprocess(tmp_path, "--model", "gpt2", "--out", "run", "--no_progress",
+                                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_one_clear_line(rc, stderr, "--pretrained gpt2: cannot load it", "save_pretrained", "--pretrained gpt2_local")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_gpt2_folder_without_its_tokenizer_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=300, n_positions=32)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "weights_only")
+    rc, _, stderr = train_subprocess(tmp_path, "--model", "gpt2", "--pretrained", "weights_only", "--out", "run",
+                                     "--no_progress", env={"HF_HUB_OFFLINE": "1"})
+    assert_one_clear_line(rc, stderr, "--pretrained weights_only", "vocabulary has 300")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def saved_runs(tmp_path_factory):
+    """A finished run and a killed one (its last checkpoint, metrics.json not yet written)."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("runs")
+    rc, _, stderr = train_subprocess(base, "--model", "tms_5-2", "--out", "finished", *SMALL)
+    assert rc == 0, stderr
+    shutil.copytree(base / "finished", base / "killed")
+    (base / "killed" / "metrics.json").unlink()
+    return base
+
+
+def _damage(path, how):
+    import json
+
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif how == "random":
+        path.write_bytes(torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.uint8).numpy().tobytes())
+    elif how == "list":
+        path.write_text("[1, 2]")
+    elif how == "drop_names":
+        meta = json.loads(path.read_text())
+        del meta["names"]
+        path.write_text(json.dumps(meta))
+    elif how == "no_train_keys":
+        torch.save({"step": 30}, path)
+
+
+@pytest.mark.parametrize("run,flag,file,how,names", [
+    ("killed", "--resume", "train_state.pt", "truncate", ["train_state.pt", "truncated"]),
+    ("killed", "--resume", "train_state.pt", "random", ["train_state.pt", "truncated"]),
+    ("killed", "--resume", "train_state.pt", "no_train_keys", ["train_state.pt", "not a train state"]),
+    ("killed", "--resume", "decomposition.pt", "truncate", ["decomposition.pt", "truncated"]),
+    ("finished", "--evaluate_only", "decomposition.pt", "random", ["decomposition.pt", "truncated"]),
+    ("finished", "--evaluate_only", "config.json", "list", ["config.json", "not a run config"]),
+    ("killed", "--resume", "config.json", "drop_names", ["config.json", "'names'"]),
+    ("finished", "--evaluate_only", "metrics.json", "list", ["metrics.json", "damaged"]),
+])
+def test_cli_damaged_run_file_is_named_and_nothing_is_rewritten(saved_runs, tmp_path, run, flag, file, how, names):
+    import shutil
+
+    shutil.copytree(saved_runs / run, tmp_path / run)
+    _damage(tmp_path / run / file, how)
+    before = {p.name: p.read_bytes() for p in (tmp_path / run).iterdir()}
+    rc, _, stderr = train_subprocess(tmp_path, "--model", "tms_5-2", "--out", run, *SMALL, flag,
+                                     "--target_dir", str(saved_runs / "runs" / "targets"))
+    assert_one_clear_line(rc, stderr, *names)
+    assert {p.name: p.read_bytes() for p in (tmp_path / run).iterdir()} == before
+
+
+def test_cli_help_describes_every_spd_flag_with_the_presets_default(tmp_path):
+    import dataclasses
+
+    import spd
+    import train
+
+    assert set(train.SPD_HELP) == {f.name for f in dataclasses.fields(spd.SPDConfig)}
+    rc, stdout, _ = train_subprocess(tmp_path, "--model", "resid_mlp1", "--help")
+    text = " ".join(stdout.split())  # argparse wraps lines
+    assert rc == 0
+    for f in dataclasses.fields(spd.SPDConfig):
+        default = {**dataclasses.asdict(spd.SPDConfig()), **train.PRESETS["resid_mlp1"]}[f.name]
+        assert f"--{f.name}" in text and f"{train.SPD_HELP[f.name]} (resid_mlp1's default: {default})" in text
+
+
+def test_a_run_that_has_not_converged_says_so_and_names_the_paper_step_count():
+    import spd
+    import train
+
+    tms = {"family": "tms", "n_features": 5}
+    short = spd.SPDConfig(steps=100)
+    good = {"linear1/n_large_subcomponents": 5, "ml2r_large": 0.997}
+    assert train.convergence_warnings("tms_5-2", tms, short, good) == []
+    warned = train.convergence_warnings("tms_5-2", tms, short, {"linear1/n_large_subcomponents": 7, "ml2r_large": 0.6})
+    assert any("7 large subcomponents for 5 features: not converged" in w for w in warned)
+    assert any("ML2R" in w and "0.600" in w for w in warned) and "--steps 40000" in warned[-1]
+    merged = train.convergence_warnings("tms_5-2", tms, spd.SPDConfig(), {**good, "linear1/n_large_subcomponents": 4})
+    assert len(merged) == 1 and "merged" in merged[0]  # at the paper's step count: no step advice
+    resid = train.convergence_warnings("resid_mlp1", {"family": "resid_mlp"}, short, {"in_monosemantic_fraction": 0.4})
+    assert "40%" in resid[0] and "--steps 30000" in resid[-1]
+    induction = {"table1_t0": {"total_unique_sum": 475}}
+    assert "475 subcomponents" in train.convergence_warnings("induction", {"family": "induction"}, short, induction)[0]
+
+
+def test_an_induction_target_that_did_not_learn_is_warned_about(capsys):
+    import train
+
+    target, tcfg = models.build_target("induction")  # untrained: accuracy near chance
+    train.check_target(target, tcfg, "cpu")
+    out = capsys.readouterr().out
+    assert re.search(r"induction accuracy 0\.0\d\d .*chance 0\.008", out) and "WARNING" in out and "--target_steps" in out

@@ -5,6 +5,7 @@ unique subcomponents and the suppression edit) against hand computations and the
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -347,8 +348,9 @@ def test_tied_updates_one_adam_step_against_untied_gradients(mode):
     authors' code). The per-use gradients come from an untied copy with independent leaves."""
     torch.manual_seed(0)
     model, x = Tied(), torch.rand(32, 5)
-    cfg = spd.SPDConfig(targets=["enc", "dec"], C=4, steps=1, batch_size=32, lr=1e-2, lr_schedule="constant")
-    dec = spd.Decomposition(model, cfg.targets, C=4, tied_updates=mode)
+    cfg = spd.SPDConfig(targets=["enc", "dec"], C=4, steps=1, batch_size=32, lr=1e-2, lr_schedule="constant",
+                        tied_updates=mode)
+    dec = spd.Decomposition.from_config(model, cfg)
     ref = spd.Decomposition(model, cfg.targets, C=4, tied={})
     ref.load_state_dict(dec.state_dict(), strict=False)  # enc's U, V and both CI functions
     enc, untied = ref.components["enc"], ref.components["dec"]
@@ -695,7 +697,7 @@ def test_lr_schedule_and_p_anneal_by_hand():
 def test_optimize_lowers_the_loss_and_stops_on_nan():
     model = tiny_mlp()
     dec = decomposition(model)
-    cfg = spd.SPDConfig(steps=150, batch_size=64, lr=1e-2, lr_schedule="constant")
+    cfg = spd.SPDConfig(targets=["0", "2"], C=5, steps=150, batch_size=64, lr=1e-2, lr_schedule="constant")
     seen = []
     spd.optimize(dec, lambda b: torch.randn(b, 4), cfg, log=lambda s, l: seen.append(l["total"]),
                  log_every=149, progress=False)
@@ -762,12 +764,14 @@ def test_load_rejects_mismatch_and_corruption(tmp_path):
     with pytest.raises(ValueError, match="C are"):
         spd.load(decomposition(tiny_mlp(), C=7), tmp_path)
     meta = json.loads((tmp_path / "config.json").read_text())
+    good = (tmp_path / "decomposition.pt").read_bytes()
     (tmp_path / "decomposition.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match=r"decomposition.pt cannot be read: it is truncated .*\(16 bytes\)"):
         spd.load(decomposition(tiny_mlp()), tmp_path)
+    (tmp_path / "decomposition.pt").write_bytes(good)
     meta["format_version"] = 99
     (tmp_path / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="format_version|cannot read"):
+    with pytest.raises(ValueError, match="has format_version 99, this code reads 1"):
         spd.load(decomposition(tiny_mlp()), tmp_path)
     with pytest.raises(FileNotFoundError, match="spd.save"):
         spd.load(decomposition(tiny_mlp()), tmp_path / "nowhere")
@@ -1336,7 +1340,7 @@ def decompose_preset(name, **overrides):
     models.train_target(target, tcfg, progress=False)
     cfg = spd.SPDConfig(**{**train.PRESETS[name], **overrides})
     torch.manual_seed(cfg.seed)
-    dec = spd.Decomposition(target, cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate)
+    dec = spd.Decomposition.from_config(target, cfg)
     sample, gen = models.batch_fn(tcfg), torch.Generator().manual_seed(cfg.seed + 1)
     spd.optimize(dec, lambda b: sample(b, gen), cfg, progress=False)
     return target, dec
@@ -1387,7 +1391,7 @@ def test_short_induction_decomposition_shows_the_circuit():
     models.train_target(target, tcfg, progress=False)
     cfg = spd.SPDConfig(**{**train.PRESETS["induction"], "steps": 2000, "C": 20, "batch_size": 256, "seed": 0})
     torch.manual_seed(0)
-    dec = spd.Decomposition(target, cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate, max_seq_len=16)
+    dec = spd.Decomposition.from_config(target, cfg, max_seq_len=16)
     sample, gen = models.batch_fn(tcfg), torch.Generator().manual_seed(1)
     spd.optimize(dec, lambda b: sample(b, gen), cfg, progress=False)
     tokens, _, s1 = models.induction_batch(512, 16, 16, torch.Generator().manual_seed(99))
@@ -1449,3 +1453,58 @@ def test_benchmark_params_count_matches_a_hand_count():
     assert r["state_gb"] == pytest.approx(16 * (140 + 1960) / 1e9)
     r = benchmark.count_one("induction", "vector", 64)  # vector CI: per matrix [d_in, C, d_gate] + 2 [C, d_gate] + [C]
     assert r["ci_params"] == 8 * (16 * 100 * 16 + 2 * 100 * 16 + 100)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(spd.SPDConfig)
+                                  if f.type in ("float", "float | None")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_every_float_setting_rejects_nan_inf_and_negatives_naming_itself(name, value):
+    with pytest.raises(ValueError, match=rf"^--{name} must be .*, got {value}$"):
+        spd.SPDConfig(**{name: value}).validate()
+
+
+def test_optimize_validates_first_and_refuses_a_config_its_decomposition_was_not_built_with(tmp_path):
+    model = tiny_mlp()
+    cfg = spd.SPDConfig(targets=["0", "2"], C=5, steps=2, batch_size=8)
+    with pytest.raises(ValueError, match=r"^--importance_minimality must be"):  # the Python API gets the CLI's checks
+        spd.optimize(decomposition(model), lambda b: torch.randn(b, 4), dataclasses.replace(cfg, importance_minimality=-1))
+    with pytest.raises(ValueError, match="--log_every must be an integer >= 1, got 0"):
+        spd.optimize(decomposition(model), lambda b: torch.randn(b, 4), cfg, log_every=0)
+    for field, value in (("C", 20), ("targets", ["*"]), ("d_gate", 4), ("init", "normal")):
+        with pytest.raises(ValueError, match=f"the config has {field} = .* but the Decomposition was built with"):
+            spd.optimize(decomposition(model), lambda b: torch.randn(b, 4), dataclasses.replace(cfg, **{field: value}))
+        with pytest.raises(ValueError, match=f"the config has {field} ="):  # nor can a contradicting config be saved
+            spd.save(decomposition(model), tmp_path / "run", config={"spd": dataclasses.replace(cfg, **{field: value})})
+    assert not (tmp_path / "run").exists()
+    dec = spd.Decomposition.from_config(model, cfg)
+    spd.optimize(dec, lambda b: torch.randn(b, 4), cfg, progress=False)
+    spd.save(dec, tmp_path / "run", config={"spd": cfg})
+    saved = spd.read_config(tmp_path / "run")
+    assert (saved["config"]["spd"]["C"], saved["config"]["spd"]["targets"], saved["C"]) == (5, ["0", "2"], {"0": 5, "2": 5})
+
+
+def test_a_C_entry_that_matches_no_matrix_is_an_error():
+    with pytest.raises(ValueError, match=r"C has keys \['3\*'\] that match no decomposed matrix"):
+        spd.Decomposition(tiny_mlp(), ["0", "2"], C={"0": 4, "2": 3, "3*": 9})
+    assert spd.Decomposition(tiny_mlp(), ["0", "2"], C={"0": 4, "*": 3}).C == {"0": 4, "2": 3}
+
+
+def test_figures_have_a_colour_bar_integer_layer_ticks_and_apart_position_labels(monkeypatch, tmp_path):
+    figs = []
+    monkeypatch.setattr(analysis, "_save", lambda fig, path: figs.append(fig))
+    analysis.plot_one_hot_ci({"a": torch.rand(5, 8), "b": torch.rand(5, 8)}, tmp_path / "ci.png")
+    assert [ax.get_label() for ax in figs[-1].axes].count("<colorbar>") == 2
+    analysis.plot_figure9({"zero_mlp": [[0.1, 0.2, 0.3], [0.2, 0.1, 0.0]], "p_full": [0.5, 0.4], "sentences": ["a", "b"]},
+                          tmp_path / "f9.png")
+    assert list(figs[-1].axes[0].get_xticks()) == [0, 1, 2]
+    torch.manual_seed(0)
+    model = models.InductionTransformer(vocab_size=12, d_model=8, n_layers=2, seq_len=64)
+    dec = spd.Decomposition(model, ["blocks.*.attn.q_proj"], C=4, ci_fn="attention", d_gate=4, max_seq_len=64)
+    tokens = torch.randint(0, 12, (1, 64))
+    ci, _ = dec.causal_importance(dec.target_forward(tokens)[1])
+    analysis.plot_attention(dec, tokens, ci, 30, tmp_path / "attn.png")
+    fig = figs[-1]
+    fig.canvas.draw()
+    for ax in fig.axes:
+        s1, m = (next(t for t in ax.texts if t.get_text() == lab).get_window_extent() for lab in ("s1", "m"))
+        assert not s1.overlaps(m)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
+import tempfile
 import subprocess
 import sys
 import time
@@ -57,6 +59,37 @@ PRESETS: dict[str, dict] = {
                  lr_schedule="constant", lr_warmup_pct=0.01, steps=20_000, batch_size=2),
 }
 
+# One line per SPD flag for --help (the defaults shown are the chosen preset's).
+SPD_HELP = {
+    "targets": "module paths of the matrices to decompose (fnmatch globs allowed)",
+    "C": "subcomponents per matrix",
+    "ci_fn": "causal-importance function: scalar (SPD eq. 13), vector or attention (TP §4.1)",
+    "d_gate": "hidden width of each causal-importance MLP",
+    "faithfulness": "coefficient of the faithfulness loss (SPD eq. 2)",
+    "stochastic_recon": "β1: stochastic reconstruction loss, all matrices masked (SPD eq. 4)",
+    "stochastic_recon_layerwise": "β2: stochastic reconstruction, one matrix masked at a time (SPD eq. 5)",
+    "importance_minimality": "β3: importance-minimality loss (SPD eq. 7)",
+    "recon": "CI-masked reconstruction (masks = causal importances, no noise; TP §4)",
+    "recon_layerwise": "CI-masked reconstruction, one matrix at a time",
+    "stochastic_recon_partial": "stochastic reconstruction on a random subset of matrices (TP eq. 6)",
+    "recon_partial": "CI-masked reconstruction on a random subset of matrices (TP eq. 5)",
+    "partial_routing": "the partial losses' subset: pass (one per forward pass) or position (one per position)",
+    "p": "p of the importance-minimality p-norm (the start of the anneal when --p_final is set)",
+    "p_final": "anneal p linearly to this value over the run",
+    "n_mask_samples": "S: mask samples per input in the stochastic losses",
+    "output_loss": "divergence D between outputs: mse (toy models) or kl (language models)",
+    "last_token_only": "D on the final position only (causal importances at every position)",
+    "steps": "optimisation steps",
+    "batch_size": "inputs per step",
+    "lr": "peak learning rate (AdamW)",
+    "lr_schedule": "constant, cosine (quarter period to 0) or linear (to 0)",
+    "lr_warmup_pct": "fraction of the steps spent warming the learning rate up from 0",
+    "weight_decay": "AdamW weight decay (0: the paper's Adam)",
+    "init": "U, V initialisation: projection (authors' code) or normal",
+    "tied_updates": "tied matrices (TMS): shared (one update per step) or separate (one per use, authors' code)",
+    "seed": "seed of the decomposition's initialisation and mask draws",
+}
+
 TARGET_FLAGS = ("n_features", "n_hidden", "n_hidden_layers", "n_layers", "d_embed", "d_mlp")
 
 
@@ -69,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--retrain_target", action="store_true", help="train the target even if cached")
     ap.add_argument("--target_steps", type=int, help="override the target's training steps")
     ap.add_argument("--target_seed", type=int, help="override the target's training seed")
-    ap.add_argument("--log_every", type=int, default=1000)
+    ap.add_argument("--log_every", type=int, default=1000, help="write a line to losses.jsonl every N steps")
     ap.add_argument("--save_every", type=int, default=5000, help="checkpoint every N steps (0: only at the end)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the killed run in --out from its last checkpoint (give the same flags)")
@@ -78,17 +111,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no_progress", action="store_true", help="no progress bars")
     ap.add_argument("--pretrained", default="gpt2", help="gpt2: HF model name or local folder")
     ap.add_argument("--dataset", default=None, help="gpt2: text file, one prompt per line (default: the paper's two sentences)")
+    pre = argparse.ArgumentParser(add_help=False)  # the chosen preset, for the defaults --help shows
+    pre.add_argument("--model")
+    model = pre.parse_known_args(argv)[0].model
+    defaults = {**dataclasses.asdict(spd.SPDConfig()), **PRESETS.get(model, {})}
+    where = f"{model}'s" if model in PRESETS else "without --model"
+    target = models.TARGET_PRESETS.get(model, {})
     for name in TARGET_FLAGS:
-        ap.add_argument(f"--{name}", type=int, help="target size override")
+        ap.add_argument(f"--{name}", type=int, help="target size" + (f" ({where} default: {target[name]})" if name in target else ""))
     for f in dataclasses.fields(spd.SPDConfig):  # every hyperparameter is a flag
-        kind = typing.get_args(f.type) or (f.type,)
+        text = f"{SPD_HELP[f.name]} ({where} default: {defaults[f.name]})".replace("%", "%%")
         if f.type in ("bool", bool):
-            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None)
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "targets":
-            ap.add_argument("--targets", nargs="+", help="module paths to decompose (globs allowed)")
+            ap.add_argument("--targets", nargs="+", help=text)
         else:
             typ = {"int": int, "float": float, "str": str, "float | None": float}.get(str(f.type), str)
-            ap.add_argument(f"--{f.name}", type=typ, default=None)
+            ap.add_argument(f"--{f.name}", type=typ, default=None, help=text)
     return ap.parse_args(argv)
 
 
@@ -96,6 +135,27 @@ def spd_config(args: argparse.Namespace) -> spd.SPDConfig:
     """The preset's SPD settings with every flag given on the command line applied."""
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(spd.SPDConfig) if getattr(args, f.name) is not None}
     return spd.SPDConfig(**{**PRESETS[args.model], **flags})
+
+
+def check_run_flags(args: argparse.Namespace, out: Path) -> None:
+    """train.py's own flags (the SPD ones are spd.SPDConfig.validate's): SystemExit naming the bad one."""
+    for name, lowest in (("log_every", 1), ("save_every", 0), ("target_steps", 1), ("target_seed", 0)):
+        v = getattr(args, name)
+        if v is not None and v < lowest:
+            raise SystemExit(f"--{name} must be >= {lowest}, got {v}")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file, not a folder; pass a folder path")
+    parent = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    try:  # can the folder be made? (made for real only once the run has started)
+        os.rmdir(tempfile.mkdtemp(dir=parent))
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create a folder in {parent} ({e.strerror}); pass a folder path you can write to")
+    if args.model == "gpt2" and args.dataset is not None:
+        path = Path(args.dataset)
+        if not path.is_file():
+            raise SystemExit(f"--dataset {path} not found; pass a text file with one prompt per line")
+        if not any(line.strip() for line in path.read_text(errors="replace").splitlines()):
+            raise SystemExit(f"--dataset {path} has no non-empty line; pass a text file with one prompt per line")
 
 
 def pick_device(name: str) -> torch.device:
@@ -110,7 +170,10 @@ def pick_device(name: str) -> torch.device:
 
 def get_gpt2(args, device):
     """GPT-2 from HF (a name, or a local folder when offline) and its fixed prompt batch (tokens, valid)."""
-    hf_model, tokenizer = models.load_gpt2(args.pretrained)
+    try:
+        hf_model, tokenizer = models.load_gpt2(args.pretrained)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e))
     sentences = analysis.PROMPTS if args.dataset is None else [l.strip() for l in open(args.dataset) if l.strip()]
     tokens, valid = analysis.tokenize_prompts(tokenizer, sentences)
     tcfg = {"family": "gpt2", "pretrained": args.pretrained, "sentences": sentences,
@@ -125,13 +188,16 @@ def get_target(args, device) -> tuple[torch.nn.Module, dict]:
         overrides["steps"] = args.target_steps
     if args.target_seed is not None:
         overrides["seed"] = args.target_seed
-    model, tcfg = models.build_target(args.model, **overrides)
+    try:
+        model, tcfg = models.build_target(args.model, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"target: {e}")
     tag = "_".join(f"{k}{v}" for k, v in sorted(tcfg.items()) if k in TARGET_FLAGS + ("steps", "seed"))
     path = Path(args.target_dir) / f"{args.model}_{tag}.pt"
     if path.exists() and not args.retrain_target:
         try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except Exception as e:
+            model.load_state_dict(spd.read_tensors(path))
+        except (ValueError, RuntimeError) as e:
             raise SystemExit(f"cached target {path} cannot be loaded ({str(e).splitlines()[0]}); delete it or pass --retrain_target")
         print(f"target: loaded {path}")
         return model.to(device), tcfg
@@ -146,6 +212,23 @@ def get_target(args, device) -> tuple[torch.nn.Module, dict]:
     print(f"target: {metrics}")
     torch.save(model.state_dict(), path)
     return model, tcfg
+
+
+def check_target(target, tcfg: dict, device) -> None:
+    """Warns before decomposing a target that did not learn its task (SPD would measure the target)."""
+    if tcfg["family"] == "tms" and not models.tms_target_ok(target):
+        print("WARNING: the trained TMS target leaves a feature unrepresented (a column of W near 0);"
+              " MMCS/ML2R will measure the target, not SPD. Try another --target_seed.")
+    if tcfg["family"] == "induction":
+        acc = models.induction_metrics(target, n=2_000, generator=torch.Generator(device).manual_seed(0), device=device)["acc"]
+        print(f"target: induction accuracy {acc:.3f} at the last position (chance {1 / tcfg['vocab']:.3f})")
+        if acc < INDUCTION_MIN_ACC:
+            print(f"WARNING: the induction target predicts the induction token {acc:.1%} of the time: it has not "
+                  f"learned the task, so no induction mechanism is there to find. Train it longer (--target_steps; "
+                  f"the preset's {models.TARGET_PRESETS['induction']['steps']} steps) or try another --target_seed.")
+
+
+INDUCTION_MIN_ACC = 0.5  # below: the target has not learned induction (chance is 1/vocab)
 
 
 def train_state(opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
@@ -171,7 +254,9 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
     run_config["command"] = saved.get("command", run_config["command"])  # the command that started the run
     try:
         meta = spd.load(dec, out)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = spd.read_tensors(path)
+        if not isinstance(state, dict) or any(k not in state for k in ("step", "optimizer", "torch_rng", "data_rng")):
+            raise ValueError(f"{path} is not a train state written by train.py; start afresh with another --out")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"--resume: {e}")
     if state["step"] != meta["step"]:
@@ -192,12 +277,12 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
 def same_settings(flag: str, out: Path, run_config: dict) -> dict:
     """The saved run config of `out`, after checking that it was made with this model and these SPD
     settings (a field newer than the run counts as its default); else SystemExit naming the flags."""
-    if not (out / "config.json").exists():
-        raise SystemExit(f"{flag}: {out / 'config.json'} not found; is {out} a run folder written by train.py?")
     try:
-        saved = json.loads((out / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"{flag}: cannot read {out / 'config.json'} ({e}); start afresh with another --out")
+        saved = spd.read_config(out)["config"]
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{flag}: {e}")
+    if not isinstance(saved.get("spd", {}), dict):
+        raise SystemExit(f"{flag}: {out / 'config.json'} has no SPD settings (config.spd); is it a run of train.py?")
     saved_spd = {**dataclasses.asdict(spd.SPDConfig()), **saved.get("spd", {})}
     if saved.get("model") != run_config["model"] or saved_spd != run_config["spd"]:
         diff = sorted(k for k in run_config["spd"] if saved_spd.get(k) != run_config["spd"][k])
@@ -239,9 +324,9 @@ def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path) -> dict:
 def last_checkpoint(out: Path) -> str:
     """Where a stopped run can be picked up: its last checkpoint's step, or that there is none."""
     try:
-        step = json.loads((out / "config.json").read_text())["step"]
+        step = spd.read_config(out)["step"]
         return f"the last checkpoint, of step {step}, is kept in {out} (continue it with --resume)"
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return f"no checkpoint was written in {out}"
 
 
@@ -252,10 +337,18 @@ def reload_finished(dec, out: Path, run_config: dict) -> dict:
     same_settings("--evaluate_only", out, run_config)
     try:
         spd.load(dec, out)
-        old = json.loads((out / "metrics.json").read_text())
     except (ValueError, OSError) as e:
-        raise SystemExit(f"--evaluate_only: {e} (is {out} a finished run? a killed one continues with --resume)")
-    return {k: old[k] for k in ("final_losses", "seconds", "ms_per_step")}
+        raise SystemExit(f"--evaluate_only: {e}")
+    keys = ("final_losses", "seconds", "ms_per_step")
+    try:
+        old = json.loads((out / "metrics.json").read_text())
+        return {k: old[k] for k in keys}
+    except OSError:
+        raise SystemExit(f"--evaluate_only: {out / 'metrics.json'} not found: {out} is not a finished run "
+                         f"(a killed one continues with --resume)") from None
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(f"--evaluate_only: {out / 'metrics.json'} is damaged (not JSON with {list(keys)}); "
+                         f"it cannot be re-evaluated without losing its training record: restore it") from None
 
 
 def code_version() -> str:
@@ -285,6 +378,10 @@ def main(argv=None) -> dict:
         raise SystemExit(str(e))
     device = pick_device(args.device)
     out = Path(args.out or f"runs/{args.model}_seed{cfg.seed}")
+    check_run_flags(args, out)
+    if (args.resume or args.evaluate_only) and not (out / "config.json").exists():
+        flag = "--resume" if args.resume else "--evaluate_only"
+        raise SystemExit(f"{flag}: {out / 'config.json'} not found; is {out} a run folder written by train.py?")
     if args.resume and (out / "metrics.json").exists():
         raise SystemExit(f"--resume: {out} holds a finished run (metrics.json), there is nothing to continue; "
                          f"add --evaluate_only instead to re-evaluate it, or pass another --out")
@@ -292,28 +389,28 @@ def main(argv=None) -> dict:
         if (out / "metrics.json").exists():
             raise SystemExit(f"{out} holds a finished run; add --evaluate_only to re-evaluate it, or pass another "
                              f"--out (or delete {out}) to start afresh")
-        raise SystemExit(f"{out} holds an unfinished run, checkpointed at step "
-                         f"{json.loads((out / 'config.json').read_text()).get('step', '?')}; add --resume to continue "
+        try:
+            step = spd.read_config(out)["step"]
+        except (OSError, ValueError):
+            step = "? (its config.json is damaged)"
+        raise SystemExit(f"{out} holds an unfinished run, checkpointed at step {step}; add --resume to continue "
                          f"it, or pass another --out (or delete {out}) to start afresh")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"run folder: {out}   device: {device}")
 
     # --- target
     if args.model == "gpt2":
         target, tcfg, tokenizer, prompts = get_gpt2(args, device)
     else:
         target, tcfg = get_target(args, device)
-    if tcfg["family"] == "tms" and not models.tms_target_ok(target):
-        print("WARNING: the trained TMS target leaves a feature unrepresented (a column of W near 0);"
-              " MMCS/ML2R will measure the target, not SPD. Try another --target_seed.")
+    check_target(target, tcfg, device)
 
     # --- decomposition (seeded, so a run is reproducible on one machine)
     torch.manual_seed(cfg.seed)
     try:
-        dec = spd.Decomposition(target, cfg.targets, C=cfg.C, ci_fn=cfg.ci_fn, d_gate=cfg.d_gate, init=cfg.init,
-                                max_seq_len=tcfg.get("seq_len"), tied_updates=cfg.tied_updates).to(device)
+        dec = spd.Decomposition.from_config(target, cfg, max_seq_len=tcfg.get("seq_len")).to(device)
     except ValueError as e:
         raise SystemExit(str(e))
+    out.mkdir(parents=True, exist_ok=True)  # only now: a start that failed above leaves no empty folder
+    print(f"run folder: {out}   device: {device}")
     sample = (lambda b, g=None: prompts) if args.model == "gpt2" else models.batch_fn(tcfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg, "code": code_version(),
@@ -329,18 +426,53 @@ def main(argv=None) -> dict:
     elif tcfg["family"] == "resid_mlp":
         metrics.update(analysis.evaluate_resid_mlp(dec, target, out))
     elif tcfg["family"] == "induction":
-        metrics.update(analysis.evaluate_induction(dec, target, cfg, out))
+        metrics.update(analysis.evaluate_induction(dec, target, cfg, out, progress=not args.no_progress))
     elif tcfg["family"] == "gpt2":
-        metrics.update(analysis.evaluate_gpt2(dec, target, tokenizer, out, sentences=tcfg["sentences"]))
-    if tcfg["family"] == "tms" and metrics["linear1/n_large_subcomponents"] < tcfg["n_features"]:
-        print(f"WARNING: W has {metrics['linear1/n_large_subcomponents']} large subcomponents for "
-              f"{tcfg['n_features']} features: SPD merged features into one subcomponent, a local minimum "
-              f"some seeds end in (README, Results). Try another --seed.")
+        metrics.update(analysis.evaluate_gpt2(dec, target, tokenizer, out, sentences=tcfg["sentences"],
+                                              progress=not args.no_progress))
     analysis.plot_ci_histograms(dec, spd.split_batch(eval_batch)[0],
                                 out / "ci_histograms.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
+    for warning in convergence_warnings(args.model, tcfg, cfg, metrics):
+        print("WARNING: " + warning)
+    written = sorted(p.name for p in out.iterdir() if p.suffix in (".png", ".md"))
+    print(f"wrote in {out}: metrics.json, {', '.join(written)}")
     return metrics
+
+
+def convergence_warnings(model: str, tcfg: dict, cfg: spd.SPDConfig, metrics: dict) -> list[str]:
+    """The signs, per target family, of a decomposition that has not found the target's mechanisms,
+    with the preset's paper step count when the run had fewer steps."""
+    signs = []
+    if tcfg["family"] == "tms":
+        n, large, ml2r = tcfg["n_features"], metrics["linear1/n_large_subcomponents"], metrics["ml2r_large"]
+        if large < n:
+            signs.append(f"W has {large} large subcomponents for {n} features: SPD merged features into one "
+                         f"subcomponent, a local minimum some seeds end in (README, Results); try another --seed")
+        if large > n:
+            signs.append(f"W has {large} large subcomponents for {n} features: not converged")
+        if abs(ml2r - 1) > ML2R_OFF:
+            signs.append(f"ML2R of the large subcomponents is {ml2r:.3f}, far from 1: their norms do not match "
+                         f"the target's features")
+    elif tcfg["family"] == "resid_mlp":
+        if metrics["in_monosemantic_fraction"] < MIN_MONOSEMANTIC:
+            signs.append(f"only {metrics['in_monosemantic_fraction']:.0%} of the input features have one W_in "
+                         f"subcomponent of their own (paper: all): not converged")
+    elif tcfg["family"] == "induction":
+        total = metrics["table1_t0"]["total_unique_sum"]
+        if total > INDUCTION_MAX_UNIQUE:
+            signs.append(f"{total} subcomponents are active somewhere (paper: {analysis.PAPER_TOTAL_UNIQUE}): "
+                         f"not converged")
+    steps = PRESETS[model]["steps"]
+    if signs and cfg.steps < steps:
+        signs.append(f"this run had {cfg.steps} steps; the paper's setting for {model} is --steps {steps}")
+    return signs
+
+
+ML2R_OFF = 0.1  # TMS: |ML2R - 1| above this counts as far from 1 (converged runs: within 0.01)
+MIN_MONOSEMANTIC = 0.9  # residual MLPs: converged runs here and in the authors' code have 0.97-1.0
+INDUCTION_MAX_UNIQUE = 50  # induction: the paper has 16 active subcomponents in all
 
 
 if __name__ == "__main__":

@@ -385,7 +385,7 @@ def run_cli(tmp_path, *argv, out="run"):
                        "--no_progress"])
 
 
-def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
+def test_cli_tms_run_writes_a_reloadable_run(tmp_path, capsys):
     import json
 
     import spd
@@ -394,6 +394,9 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path):
     metrics = run_cli(tmp_path, "--model", "tms_5-2", "--steps", "30", "--batch_size", "64", "--target_steps", "200",
                       "--save_every", "10")
     run = tmp_path / "run"
+    printed = capsys.readouterr().out  # the summary names what it wrote, and that 30 steps are not the paper's 40k
+    assert f"wrote in {run}: metrics.json, ci_histograms.png, tms_networks.png, tms_subcomponents.png" in printed
+    assert "WARNING" in printed and "the paper's setting for tms_5-2 is --steps 40000" in printed
     for f in ("decomposition.pt", "config.json", "metrics.json", "losses.jsonl", "tms_subcomponents.png",
               "tms_networks.png", "ci_histograms.png"):
         assert (run / f).exists(), f

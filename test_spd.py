@@ -964,6 +964,12 @@ def test_attention_kl_and_losses_vanish_for_exact_decomposition():
 
 # --- D. Algorithm 2 ----------------------------------------------------------------------------------
 
+def test_svd_prune_path_shows_progress_when_asked(capsys):
+    W = {"a": torch.randn(4, 3, generator=torch.Generator().manual_seed(0))}
+    steps = analysis.svd_prune_path(W, lambda w: float(w["a"].norm()), progress=True)
+    assert len(steps) == 3 and "Figure 2: greedy SVD pruning" in capsys.readouterr().err
+
+
 def test_svd_prune_keeps_exact_rank_of_a_rank_two_matrix():
     torch.manual_seed(0)
     W = torch.randn(5, 2) @ torch.randn(2, 4)  # rank 2  [5, 4]

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 
 REF_COMMIT = "c6314c9f"
-MODELS = ("tms_5-2", "tms_5-2-id", "resid_mlp1")
+MODELS = ("tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1")
 
 
 def their_key(name: str) -> str:
@@ -604,7 +605,8 @@ def main(argv=None) -> None:
     tr = sub.choices["train"]
     tr.add_argument("--out", required=True)
     tr.add_argument("--steps", type=int, help="default: the preset's")
-    tr.add_argument("--target_args", nargs="*", default=[], help="train.py target flags, e.g. --target_seed 10")
+    tr.add_argument("--target_args", default="", type=shlex.split,
+                    help='more train.py flags, as one string: --target_args="--n_features 10 --n_hidden 3 --C 20"')
     args = ap.parse_args(argv)
     (cmd_step if args.command == "step" else cmd_train)(args)
 

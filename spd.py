@@ -338,11 +338,13 @@ class Decomposition(nn.Module):
                      if s in self.names}
         self.ci_fn = ci_fn
         self.C = {n: _pick_C(n, C) for n in self.names}
-        unused = [pat for pat in (C if isinstance(C, dict) else {}) if not any(fnmatch.fnmatchcase(n, pat) for n in self.names)]
+        unused = [pat for pat in (C if isinstance(C, dict) else {})
+                  if not any(fnmatch.fnmatchcase(n, pat) for n in self.names)]
         if unused:
             raise ValueError(f"C has keys {unused} that match no decomposed matrix (the matrices are {self.names})")
         # what it was built with, in SPDConfig's terms (ARCHITECTURE): saved, and checked by optimize
-        self.settings = dict(targets=list(targets), C=C, ci_fn=ci_fn, d_gate=d_gate, init=init, tied_updates=tied_updates)
+        self.settings = dict(targets=list(targets), C=C, ci_fn=ci_fn, d_gate=d_gate, init=init,
+                             tied_updates=tied_updates)
         for s, t in self.tied.items():
             if t not in self.names:
                 raise ValueError(f"{s} is tied to {t}, so {t} must be decomposed too (add it to --targets)")
@@ -735,8 +737,8 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     Raises ValueError before the first step on a bad setting (check_config, log_every, save_every).
     Raises FloatingPointError on a non-finite total loss or one DIVERGED times the lowest seen (checked
     every step on a CPU, every log_every steps and before each checkpoint on a GPU, where the check
-    costs a host-device sync); a checkpoint is written only after a step whose loss passed it. Ctrl-C finishes the
-    current step, checkpoints it and raises Interrupted (a second Ctrl-C stops at once)."""
+    costs a host-device sync); a checkpoint is written only after a step whose loss passed it.
+    Ctrl-C finishes the current step, checkpoints it and raises Interrupted (a second one stops at once)."""
     from tqdm import tqdm
 
     check_config(dec, cfg)

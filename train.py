@@ -379,9 +379,11 @@ def main(argv=None) -> dict:
     device = pick_device(args.device)
     out = Path(args.out or f"runs/{args.model}_seed{cfg.seed}")
     check_run_flags(args, out)
-    if (args.resume or args.evaluate_only) and not (out / "config.json").exists():
-        flag = "--resume" if args.resume else "--evaluate_only"
-        raise SystemExit(f"{flag}: {out / 'config.json'} not found; is {out} a run folder written by train.py?")
+    if args.resume and not (out / "config.json").exists():
+        raise SystemExit(f"--resume: no checkpoint to resume in {out} (no config.json; a run writes one every "
+                         f"--save_every steps); drop --resume to start afresh")
+    if args.evaluate_only and not (out / "config.json").exists():
+        raise SystemExit(f"--evaluate_only: {out / 'config.json'} not found; is {out} a run folder written by train.py?")
     if args.resume and (out / "metrics.json").exists():
         raise SystemExit(f"--resume: {out} holds a finished run (metrics.json), there is nothing to continue; "
                          f"add --evaluate_only instead to re-evaluate it, or pass another --out")

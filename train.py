@@ -22,7 +22,6 @@ import tempfile
 import subprocess
 import sys
 import time
-import typing
 from pathlib import Path
 
 import torch
@@ -295,9 +294,9 @@ def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path) -> dict:
     """The training part of a run (fresh or --resume); returns its final losses and timing."""
     start, opt_state = resume(args, dec, run_config, out, gen) if args.resume else (0, None)
     if args.resume:  # keep the loss lines up to the checkpoint: the lines after it are logged again
-        kept = [l for l in (out / "losses.jsonl").read_text().splitlines() if l.strip() and json.loads(l)["step"] < start] \
-            if (out / "losses.jsonl").exists() else []
-        (out / "losses.jsonl").write_text("".join(l + "\n" for l in kept))
+        lines = (out / "losses.jsonl").read_text().splitlines() if (out / "losses.jsonl").exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] < start]
+        (out / "losses.jsonl").write_text("".join(line + "\n" for line in kept))
     log_file = open(out / "losses.jsonl", "a" if args.resume else "w")
 
     def log(step, losses):

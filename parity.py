@@ -393,6 +393,7 @@ def cmd_train(args) -> None:
     load_theirs(dec, state)
     losses = json.loads((out / "theirs" / "final_losses.json").read_text())
     run_config = {"model": args.model, "spd": vars(cfg), "target": tcfg, "code": train.code_version(),
+                  "command": "python parity.py " + shlex.join(sys.argv[1:]),
                   "theirs": {"commit": REF_COMMIT, "config": job["config"]}}
     spd.save(dec, out, run_config, steps)
     (out / "metrics.json").write_text(json.dumps({"final_losses": losses, "seconds": seconds,

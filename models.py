@@ -543,7 +543,7 @@ def load_gpt2(name_or_dir="gpt2"):
                       f"[c.from_pretrained('{name}').save_pretrained('gpt2_local') for c in (t.GPT2LMHeadModel, "
                       f"t.GPT2TokenizerFast)]\") and pass --pretrained gpt2_local") from None
     n_tok, n_vocab = len(tokenizer), model.config.vocab_size
-    if n_tok > n_vocab or n_tok < 0.9 * n_vocab:
+    if n_tok > n_vocab or n_tok < 0.9 * n_vocab:  # some checkpoints pad their vocabulary a little
         raise ValueError(f"--pretrained {name}: the tokenizer has {n_tok} tokens but the model's vocabulary has "
                          f"{n_vocab}; the folder's tokenizer files (vocab.json, merges.txt or tokenizer.json) are "
                          f"missing or belong to another model")

@@ -715,6 +715,13 @@ def check_config(dec: Decomposition, cfg: SPDConfig | dict) -> None:
                              f"{dec.settings[f]!r}; build it with spd.Decomposition.from_config(target, cfg)")
 
 
+def check_loop(log_every: int = 1000, save_every: int = 0, start_step: int = 0) -> None:
+    """optimize's own arguments: ValueError naming the first bad one."""
+    for name, v, lowest in (("log_every", log_every, 1), ("save_every", save_every, 0), ("start_step", start_step, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+            raise ValueError(f"--{name} must be an integer >= {lowest}, got {v!r}")
+
+
 DIVERGED = 1e4  # a total loss this many times the lowest one seen in the run counts as diverged
 
 
@@ -734,7 +741,7 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     batch_fn(batch_size) returns inputs x, or (x, valid) with valid [B, S] marking real positions.
     Calls log(step, losses) every log_every steps and checkpoint(step, optimizer) every save_every
     steps and at the end. A resumed run passes start_step and the optimizer's saved state_dict.
-    Raises ValueError before the first step on a bad setting (check_config, log_every, save_every).
+    Raises ValueError before the first step on a bad setting (check_config, check_loop).
     Raises FloatingPointError on a non-finite total loss or one DIVERGED times the lowest seen (checked
     every step on a CPU, every log_every steps and before each checkpoint on a GPU, where the check
     costs a host-device sync); a checkpoint is written only after a step whose loss passed it.
@@ -742,9 +749,7 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     from tqdm import tqdm
 
     check_config(dec, cfg)
-    for name, v, lowest in (("log_every", log_every, 1), ("save_every", save_every, 0), ("start_step", start_step, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lowest:
-            raise ValueError(f"--{name} must be an integer >= {lowest}, got {v!r}")
+    check_loop(log_every, save_every, start_step)
     opt = make_optimizer(dec, cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)

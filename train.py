@@ -137,8 +137,13 @@ def spd_config(args: argparse.Namespace) -> spd.SPDConfig:
 
 
 def check_run_flags(args: argparse.Namespace, out: Path) -> None:
-    """train.py's own flags (the SPD ones are spd.SPDConfig.validate's): SystemExit naming the bad one."""
-    for name, lowest in (("log_every", 1), ("save_every", 0), ("target_steps", 1), ("target_seed", 0)):
+    """train.py's own flags (the SPD ones are spd.SPDConfig.validate's, the loop's spd.check_loop's), checked
+    before anything is written: SystemExit naming the bad one."""
+    try:
+        spd.check_loop(args.log_every, args.save_every)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    for name, lowest in (("target_steps", 1), ("target_seed", 0)):
         v = getattr(args, name)
         if v is not None and v < lowest:
             raise SystemExit(f"--{name} must be >= {lowest}, got {v}")

@@ -5,10 +5,15 @@ spd.py holds the method; this file holds what the papers measure on each target:
   B  TMS                MMCS / ML2R (SPD paper eqs. 9, 10, Table 1), identity subcomponents, Figures 1-4
   C  Residual MLPs      one-hot causal importances (Figures 8, 12, 13), monosemantic W_in fraction,
                         dense W_out count, neuron contributions (eqs. 11, 12; Figures 7, 10, 11)
+  C2 APD baseline       apd.py's runs: TMS MMCS / ML2R of its components (APD Table 1), features with a
+                        component of their own; residual MLPs: one-hot attributions, single-component MSE
   D  Induction heads    transformer paper Table 1 (active subcomponents per position class, total
                         unique, losses, attention KL), greedy SVD pruning (Algorithm 2), Figure 2
   E  GPT-2              active and unique subcomponents per prompt, the suppression edit, the fact
                         set (Figures 3, 4), zeroing MLP layers (Figure 9)
+  F  Results tables     python analysis.py report RUNS_DIR: results/*.md from finished run folders
+  G  APD and robustness python analysis.py apd|robustness RUNS_DIR: APD Table 1; SPD against APD over
+                        their main hyperparameter (TMS 5-2), table and figure
 Each evaluate_* returns a flat dict for metrics.json and writes PNGs into out_dir.
 """
 
@@ -63,6 +68,23 @@ def evaluate_common(dec: spd.Decomposition, batch, cfg: spd.SPDConfig) -> dict:
             "ci_l0": spd.ci_l0(ci), "alive_01": spd.alive(ci, 0.1)}
 
 
+def evaluate_spd(dec: spd.Decomposition, target, tcfg: dict, batch, cfg: spd.SPDConfig, out: Path, tokenizer=None,
+                 progress: bool = True) -> dict:
+    """Everything train.py measures on a finished SPD run: evaluate_common, the family's evaluate_*,
+    and the CI histograms."""
+    metrics = evaluate_common(dec, batch, cfg)
+    if tcfg["family"] == "tms":
+        metrics.update(evaluate_tms(dec, out))
+    elif tcfg["family"] == "resid_mlp":
+        metrics.update(evaluate_resid_mlp(dec, target, out))
+    elif tcfg["family"] == "induction":
+        metrics.update(evaluate_induction(dec, target, cfg, out, progress=progress))
+    elif tcfg["family"] == "gpt2":
+        metrics.update(evaluate_gpt2(dec, target, tokenizer, out, sentences=tcfg["sentences"], progress=progress))
+    plot_ci_histograms(dec, spd.split_batch(batch)[0], out / "ci_histograms.png")
+    return metrics
+
+
 def plot_ci_histograms(dec: spd.Decomposition, batch: torch.Tensor, path: Path) -> None:
     plt = _plt()
     with torch.no_grad():
@@ -100,7 +122,8 @@ def evaluate_tms(dec: spd.Decomposition, out_dir: Path, norm_threshold: float = 
     # the authors' code, results/parity.md). The same metrics over the large subcomponents only:
     large = subcomponent_norms(dec, "linear1") > norm_threshold
     mmcs_large, ml2r_large = spd.mmcs_ml2r(W, U[:, large], V[large]) if large.any() else (float("nan"),) * 2
-    out = {"mmcs": mmcs, "ml2r": ml2r, "mmcs_large": mmcs_large, "ml2r_large": ml2r_large}
+    out = {"mmcs": mmcs, "ml2r": ml2r, "mmcs_large": mmcs_large, "ml2r_large": ml2r_large,
+           "features_with_own_component": features_with_own_component(W, U.T[large][:, :, None] * V[large][:, None, :])}
     for name in ["linear1", *(n for n in dec.names if n.startswith("hidden_layers"))]:
         norms = subcomponent_norms(dec, name)
         out[f"{name}/n_large_subcomponents"] = int((norms > norm_threshold).sum())
@@ -112,20 +135,43 @@ def evaluate_tms(dec: spd.Decomposition, out_dir: Path, norm_threshold: float = 
     return out
 
 
+RECOVERED_COS = 0.98  # a feature counts as recovered by a (sub)component at this cosine or above
+
+
+def features_with_own_component(W: torch.Tensor, P: torch.Tensor, cos_min: float = RECOVERED_COS) -> int:
+    """How many features j (columns of W [d_out, d_in]) have a matrix of P [K, d_out, d_in] of their own:
+    the best match of column j by cosine has cos >= cos_min, and is the best match of no other feature.
+    Ground truth is recovered when this is d_in (SPD: one rank-one subcomponent per feature; APD: one
+    component per feature, not one holding two)."""
+    if P.shape[0] == 0:
+        return 0
+    cos = torch.einsum("koj,oj->kj", P, W) / (P.norm(dim=1) * W.norm(dim=0) + 1e-12)  # [K, d_in]
+    best, idx = cos.max(0)
+    shared = torch.bincount(idx, minlength=P.shape[0])[idx] > 1
+    return int(((best >= cos_min) & ~shared).sum())
+
+
 def plot_tms(dec: spd.Decomposition, path: Path, name: str = "linear1", n_show: int = 6) -> None:
     """Paper Figures 1 and 2 (name "linear1": the 5-2 columns as arrows, 40-10 as heatmaps) or 3
     (name "hidden_layers.0", the identity): the target matrix, the sum of all subcomponents, and
     the n_show largest subcomponents, ordered by norm."""
-    plt = _plt()
     W = dec.target_weights()[name].cpu()
     U, V = (t.detach().cpu() for t in dec.UV(name))
     order = subcomponent_norms(dec, name).cpu().argsort(descending=True)[:n_show]
     panels = [("target W" if name == "linear1" else "target I", W), ("sum of subcomponents", U @ V)]
     panels += [(f"subcomponent {int(c)}", U[:, c, None] * V[c][None]) for c in order]
+    plot_matrix_panels(panels, path, arrows=name == "linear1")
+
+
+def plot_matrix_panels(panels: list, path: Path, arrows: bool) -> None:
+    """(title, matrix) panels side by side, the first the target; arrows: a 2-row W's columns drawn
+    as arrows in the hidden plane (TMS 5-2), else heatmaps on the target's colour scale."""
+    plt = _plt()
+    W = panels[0][1].detach().cpu()
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.6))
     for ax, (title, M) in zip(axes, panels):
-        M = M.numpy()
-        if name == "linear1" and M.shape[0] == 2:  # TMS 5-2: feature columns as arrows in the hidden plane
+        M = M.detach().cpu().numpy()
+        if arrows and M.shape[0] == 2:  # TMS 5-2: feature columns as arrows in the hidden plane
             for j in range(M.shape[1]):
                 ax.arrow(0, 0, M[0, j], M[1, j], color=f"C{j}", width=0.02, length_includes_head=True)
             lim = max(1.2, W.abs().max().item() * 1.2)
@@ -266,7 +312,8 @@ def evaluate_resid_mlp(dec: spd.Decomposition, target: torch.nn.Module, out_dir:
     return out
 
 
-def plot_one_hot_ci(ci: dict[str, torch.Tensor], path: Path) -> None:
+def plot_one_hot_ci(ci: dict[str, torch.Tensor], path: Path, label: str = "causal importance g",
+                    what: str = "subcomponent") -> None:
     """Paper Figures 8, 12, 13: CI of each subcomponent on one-hot inputs, columns permuted greedily."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(ci), figsize=(4 * len(ci), 3.6), squeeze=False)
@@ -275,9 +322,9 @@ def plot_one_hot_ci(ci: dict[str, torch.Tensor], path: Path) -> None:
         alive_cols = int((g > 0.1).any(0).sum())
         perm = spd.permute_to_identity(g)
         im = ax.imshow(g[:, perm][:, : max(alive_cols, g.shape[0])].numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1)
-        ax.set_title(f"{name} ({alive_cols} subcomponents with g > 0.1)", fontsize=8)
-        ax.set_xlabel("subcomponent (permuted)"), ax.set_ylabel("input feature")
-        fig.colorbar(im, ax=ax, label="causal importance g")
+        ax.set_title(f"{name} ({alive_cols} {what}s with {'g' if what == 'subcomponent' else 'value'} > 0.1)", fontsize=8)
+        ax.set_xlabel(f"{what} (permuted)"), ax.set_ylabel("input feature")
+        fig.colorbar(im, ax=ax, label=label)
     _save(fig, path)
 
 
@@ -291,6 +338,77 @@ def plot_neuron_contributions(x: torch.Tensor, y: torch.Tensor, corr: float, pat
     ax.set_ylabel("W_in subcomponent contribution (eq. 12)")
     ax.set_title(f"Pearson r = {corr:.3f}", fontsize=9)
     _save(fig, path)
+
+
+# ================================================================================================
+# C2. The APD baseline (apd.py) on the same targets
+# ================================================================================================
+
+
+def evaluate_apd(dec, target, tcfg: dict, batch, cfg, out_dir: Path, norm_threshold: float = 0.1) -> dict:
+    """An APD run's losses on a fresh batch and, per family, APD's own measures: TMS MMCS / ML2R of
+    the components (APD eq. 3, Table 1) and whether each feature has a component of its own; for
+    residual MLPs the components' attributions on one-hot inputs."""
+    import apd
+
+    losses = apd.apd_losses(dec, batch, cfg)
+    A, _, _ = apd.attributions(dec, batch)
+    active = apd.batch_topk_mask(A, cfg.topk)
+    metrics = {"eval_losses": {k: v.item() for k, v in losses.items()},
+               "components_ever_active": int(active.any(0).sum())}
+    if tcfg["family"] == "tms":
+        metrics.update(evaluate_apd_tms(dec, out_dir, norm_threshold))
+    elif tcfg["family"] == "resid_mlp":
+        metrics.update(evaluate_apd_resid_mlp(dec, target, out_dir))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_apd_tms(dec, out_dir: Path, norm_threshold: float = 0.1) -> dict:
+    """MMCS / ML2R of linear1's W against the components' linear1 matrices (over all C, and over those
+    of norm > norm_threshold), the number of such large components, features with a component of
+    their own, and the figure: W, the sum, the largest components (5-2: columns as arrows)."""
+    import apd
+
+    W = dec.target_weights()["linear1"]
+    P = dec.component_matrices()["linear1"]  # [C, d_out, d_in]
+    norms = apd.component_norms(dec, "linear1")
+    large = norms > norm_threshold
+    mmcs, ml2r = spd.mmcs_ml2r_matrices(W, P)
+    mmcs_large, ml2r_large = spd.mmcs_ml2r_matrices(W, P[large]) if large.any() else (float("nan"),) * 2
+    out = {"mmcs": mmcs, "ml2r": ml2r, "mmcs_large": mmcs_large, "ml2r_large": ml2r_large,
+           "linear1/n_large_components": int(large.sum()), "linear1/top_norms": sorted(norms.tolist(), reverse=True)[:6],
+           "features_with_own_component": features_with_own_component(W, P[large])}
+    for name in (n for n in dec.names if n.startswith("hidden_layers")):
+        n_norms = apd.component_norms(dec, name)
+        out[f"{name}/n_large_components"] = int((n_norms > norm_threshold).sum())
+        out[f"{name}/top_norms"] = sorted(n_norms.tolist(), reverse=True)[:6]
+    order = norms.argsort(descending=True)[:8]
+    panels = [("target W", W), ("sum of components", P.sum(0)), *((f"component {int(c)}", P[c]) for c in order)]
+    plot_matrix_panels(panels, out_dir / "tms_components.png", arrows=True)
+    return out
+
+
+def evaluate_apd_resid_mlp(dec, target, out_dir: Path, value: float = 0.75) -> dict:
+    """On one-hot inputs x = value e_i: the attributions A_c (normalised per input, figure), the
+    fraction of features whose most attributed component is the most attributed of no other feature
+    (APD's analogue of one W_in subcomponent per feature), and the MSE of the forward pass with only
+    that one component active against the target's (APD paper Figure 16, top)."""
+    import apd
+
+    n = target.W_E.shape[0]
+    x = torch.eye(n, device=target.W_E.device) * value
+    A, target_out, _ = apd.attributions(dec, x)  # [n, C]
+    top = A.argmax(1)
+    own = torch.bincount(top, minlength=dec.C)[top] == 1
+    with torch.no_grad():
+        out_top1, _ = dec(x, torch.nn.functional.one_hot(top, dec.C).bool())
+        mse = ((out_top1 - target_out) ** 2).mean(1)  # [n]
+    A_norm = A / A.max(1, keepdim=True).values.clamp_min(1e-30)
+    plot_one_hot_ci({"attribution / its max per input": A_norm}, out_dir / "attributions_one_hot.png",
+                    label="attribution (normalised per input)", what="component")
+    return {"in_monosemantic_fraction": float(own.float().mean()), "components_top_for_some_feature": int(top.unique().numel()),
+            "top1_mse_one_hot": float(mse.mean()), "top1_mse_one_hot_max": float(mse.max())}
 
 
 # ================================================================================================
@@ -981,13 +1099,8 @@ PAPER_RESID_OUT_DENSE = {"resid_mlp1": 50, "resid_mlp2": 50, "resid_mlp3": 51}
 
 
 def _runs(root: Path) -> list[tuple[Path, dict, dict]]:
-    import json
-
-    out = []
-    for metrics_path in sorted(root.glob("*/metrics.json")):
-        run_cfg = json.loads((metrics_path.parent / "config.json").read_text())["config"]
-        out.append((metrics_path.parent, run_cfg, json.loads(metrics_path.read_text())))
-    return out
+    """(run folder, its run config, its metrics) of the finished SPD runs in root (APD ones: apd_report)."""
+    return [r for r in _all_runs(root) if r[1].get("method", "spd") == "spd"]
 
 
 def _command(run_dir: Path, run_cfg: dict) -> str:
@@ -1059,12 +1172,7 @@ def resid_table(runs) -> str:
 def report(root: Path, out: Path, suffix: str = "") -> None:
     runs = _runs(root)
     out.mkdir(parents=True, exist_ok=True)
-    import os
-
-    machine = f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {os.cpu_count()} cores'}"
-    header = (f"The runs found in {root}, made with the commands listed (those `bash experiments.sh"
-              f"{' --quick' if suffix else ''}` runs); rows missing here were not run. Report made on {machine}, "
-              f"torch {torch.__version__}.\n\n")
+    header = _report_header(root, suffix)
     if any(c["model"] in PAPER_TMS for _, c, _ in runs):
         (out / f"tms_table1{suffix}.md").write_text("# SPD paper Table 1 (TMS)\n\n" + header + tms_table(runs))
     if any(c["model"] in PAPER_RESID_OUT_DENSE for _, c, _ in runs):
@@ -1077,13 +1185,142 @@ def report(root: Path, out: Path, suffix: str = "") -> None:
     print(f"wrote tables for {len(runs)} runs into {out}")
 
 
+# ================================================================================================
+# G. The APD baseline and the robustness sweep: python analysis.py apd|robustness RUNS_DIR --out results
+# ================================================================================================
+
+PAPER_APD_TMS = {"tms_5-2": (0.998, 0.000, 0.893, 0.004), "tms_40-10": (0.996, 0.003, 0.935, 0.001)}  # APD Table 1
+
+
+def _all_runs(root: Path) -> list[tuple[Path, dict, dict]]:
+    """(run folder, its run config, its metrics) of every finished run in root, both methods."""
+    import json
+
+    return [(p.parent, json.loads((p.parent / "config.json").read_text())["config"], json.loads(p.read_text()))
+            for p in sorted(root.glob("*/metrics.json"))]
+
+
+def _mean_std(xs: list[float]) -> str:
+    return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def apd_table(runs) -> str:
+    """APD Table 1 (TMS 5-2, 40-10) and TMS 5-2+ID: MMCS / ML2R over seeds (mean ± std, as the paper),
+    features with a component of their own, with the paper's numbers."""
+    lines = ["| model | seeds | MMCS (paper) | ML2R (paper) | features with a component of their own, per seed | steps |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    by_model: dict[str, list] = {}
+    for d, c, m in runs:
+        by_model.setdefault(c["model"], []).append((d, c, m))
+    for model, rows in by_model.items():
+        paper = PAPER_APD_TMS.get(model)
+        mmcs, ml2r = [m["mmcs"] for *_, m in rows], [m["ml2r"] for *_, m in rows]
+        p1 = f" ({paper[0]:.3f} ± {paper[1]:.3f})" if paper else " (not in the APD paper; SPD paper: \"APD fails\")"
+        p2 = f" ({paper[2]:.3f} ± {paper[3]:.3f})" if paper else ""
+        own = ", ".join(f"{m['features_with_own_component']}/{c['target']['n_features']}" for _, c, m in rows)
+        steps = sorted({c["apd"]["steps"] for _, c, _ in rows})
+        lines.append(f"| {model} | {len(rows)} | {_mean_std(mmcs)}{p1} | {_mean_std(ml2r)}{p2} | {own} | {steps} |")
+    commands = "\n".join(f"    {_command(d, c)}" for d, c, _ in runs)
+    return "\n".join(lines) + "\n\nCommands:\n\n" + commands + "\n"
+
+
+def robustness_rows(runs) -> list[dict]:
+    """One row per run of the sweep: method, the hyperparameter's multiple of the preset value, seed,
+    recovered (every feature has a (sub)component of its own), MMCS and ML2R over the large ones."""
+    import train
+
+    rows = []
+    for d, c, m in runs:
+        method = c.get("method", "spd")
+        if method == "apd":
+            name, value, preset = "topk", c["apd"]["topk"], train.APD_PRESETS[c["model"]]["topk"]
+            seed = c["apd"]["seed"]
+        else:
+            name, value, preset = "importance_minimality", c["spd"]["importance_minimality"], train.PRESETS[c["model"]]["importance_minimality"]
+            seed = c["spd"]["seed"]
+        n = c["target"]["n_features"]
+        rows.append({"method": method, "hyperparameter": name, "value": value, "multiple": round(value / preset, 4),
+                     "seed": seed, "recovered": m["features_with_own_component"] == n,
+                     "own": m["features_with_own_component"], "n_features": n,
+                     "mmcs": m["mmcs_large"], "ml2r": m["ml2r_large"], "run": d, "config": c})
+    return sorted(rows, key=lambda r: (r["method"], r["multiple"], r["seed"]))
+
+
+def robustness_table(rows) -> str:
+    lines = ["| method | hyperparameter | x preset | value | recovered (of seeds) | features with their own (sub)component, per seed | MMCS, mean (min) | ML2R, mean (min - max) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["multiple"]), []).append(r)
+    for (method, x), g in groups.items():
+        mm, ml = [r["mmcs"] for r in g], [r["ml2r"] for r in g]
+        lines.append(f"| {method.upper()} | {g[0]['hyperparameter']} | {x:g} | {g[0]['value']:.4g} | "
+                     f"{sum(r['recovered'] for r in g)} / {len(g)} | {', '.join(str(r['own']) for r in g)} | "
+                     f"{np.mean(mm):.3f} ({min(mm):.3f}) | {np.mean(ml):.3f} ({min(ml):.3f} - {max(ml):.3f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_robustness(rows, path: Path) -> None:
+    """Fraction of seeds that recover the ground truth, MMCS and ML2R, against the multiple of each
+    method's preset hyperparameter (log scale): SPD's importance-minimality coefficient, APD's top-k."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for method, colour in (("spd", "C0"), ("apd", "C3")):
+        rs = [r for r in rows if r["method"] == method]
+        if not rs:
+            continue
+        label = f"{method.upper()} ({rs[0]['hyperparameter']})"
+        xs = sorted({r["multiple"] for r in rs})
+        frac = [np.mean([r["recovered"] for r in rs if r["multiple"] == x]) for x in xs]
+        axes[0].plot(xs, frac, "o-", color=colour, label=label)
+        for ax, key in ((axes[1], "mmcs"), (axes[2], "ml2r")):
+            ax.scatter([r["multiple"] for r in rs], [r[key] for r in rs], color=colour, s=14, alpha=0.6)
+            ax.plot(xs, [np.mean([r[key] for r in rs if r["multiple"] == x]) for x in xs], "-", color=colour, label=label)
+    axes[0].set_ylabel("fraction of seeds recovering all features"), axes[0].set_ylim(-0.05, 1.05)
+    axes[1].set_ylabel("MMCS (large components)"), axes[2].set_ylabel("ML2R (large components)")
+    axes[2].axhline(1.0, color="k", lw=0.5, ls="--")
+    for ax in axes:
+        ax.set_xscale("log"), ax.set_xlabel("hyperparameter / preset value")
+    axes[0].legend(fontsize=7)
+    _save(fig, path)
+
+
+def apd_report(root: Path, out: Path, suffix: str = "") -> None:
+    runs = [r for r in _all_runs(root) if r[1].get("method") == "apd"]
+    text = (f"# APD (the baseline, apd.py): APD paper Table 1 and TMS 5-2+ID\n\n{_report_header(root, suffix)}"
+            + apd_table(runs))
+    (out / f"apd{suffix}.md").write_text(text)
+    print(f"wrote {out / f'apd{suffix}.md'} ({len(runs)} runs)")
+
+
+def robustness_report(root: Path, out: Path, suffix: str = "") -> None:
+    rows = robustness_rows(_all_runs(root))
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    fig = out / "figures" / f"robustness{suffix}.png"
+    plot_robustness(rows, fig)
+    commands = "\n".join(f"    {_command(r['run'], r['config'])}" for r in rows)
+    text = (f"# Robustness to the main hyperparameter: SPD against APD on TMS 5-2\n\n{_report_header(root, suffix)}"
+            f"![robustness](figures/{fig.name})\n\n" + robustness_table(rows) + "\n\nCommands:\n\n" + commands + "\n")
+    (out / f"robustness{suffix}.md").write_text(text)
+    print(f"wrote {out / f'robustness{suffix}.md'} and {fig} ({len(rows)} runs)")
+
+
+def _report_header(root: Path, suffix: str) -> str:
+    import os
+
+    machine = f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU, {os.cpu_count()} cores'}"
+    return (f"The runs found in {root}, made with the commands listed (those `bash experiments.sh"
+            f"{' --quick' if suffix else ''}` runs); rows missing here were not run. Report made on {machine}, "
+            f"torch {torch.__version__}.\n\n")
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description="Build results/*.md tables from finished run folders.")
-    ap.add_argument("command", choices=["report"])
+    ap.add_argument("command", choices=["report", "apd", "robustness"])
     ap.add_argument("root", type=Path, help="folder holding run folders (each with metrics.json)")
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--suffix", default="")
     args = ap.parse_args()
-    report(args.root, args.out, args.suffix)
+    {"report": report, "apd": apd_report, "robustness": robustness_report}[args.command](args.root, args.out, args.suffix)

@@ -828,8 +828,13 @@ def mmcs_ml2r(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[float,
     MMCS = 1/d_in Σ_j max_c cos(U[:, c] V[c, j], W[:, j]);
     ML2R = 1/d_in Σ_j |U[:, mcs(j)] V[mcs(j), j]| / |W[:, j]|, mcs(j) the argmax of the cosine.
     """
-    U, V = U.detach(), V.detach()
-    sub = U.T[:, :, None] * V[:, None, :]  # column j of subcomponent c    [C, d_out, d_in]
+    return mmcs_ml2r_matrices(W, U.detach().T[:, :, None] * V.detach()[:, None, :])  # u_c v_c^T   [C, d_out, d_in]
+
+
+def mmcs_ml2r_matrices(W: torch.Tensor, sub: torch.Tensor) -> tuple[float, float]:
+    """mmcs_ml2r for any matrices sub [C, d_out, d_in] (APD eq. 3 and the ML2R after it: its full-rank
+    parameter components), compared column by column with W [d_out, d_in]."""
+    sub = sub.detach()
     norms = sub.norm(dim=1)  # [C, d_in]
     W_norms = W.norm(dim=0)  # [d_in]
     cos = torch.einsum("coj,oj->cj", sub, W) / ((norms + 1e-12) * (W_norms + 1e-12))  # [C, d_in]
@@ -896,6 +901,9 @@ def load(dec: Decomposition, run_dir: str | os.PathLike) -> dict:
     saved config.json. Raises ValueError naming what does not match."""
     run = Path(run_dir)
     meta, meta_path = read_config(run), run / "config.json"
+    if meta.get("method", "spd") != "spd":
+        raise ValueError(f"{run} holds an {str(meta['method']).upper()} run, not an SPD one; load it with "
+                         f"{meta['method']}.load (train.py: --method {meta['method']})")
     state = read_tensors(run / "decomposition.pt")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{run / 'decomposition.pt'} holds no state dict of tensors; is it a file written by spd.save?")

@@ -775,7 +775,14 @@ def test_cli_help_describes_every_spd_flag_with_the_presets_default(tmp_path):
     assert rc == 0
     for f in dataclasses.fields(spd.SPDConfig):
         default = {**dataclasses.asdict(spd.SPDConfig()), **train.PRESETS["resid_mlp1"]}[f.name]
-        assert f"--{f.name}" in text and f"{train.SPD_HELP[f.name]} (resid_mlp1's default: {default})" in text
+        assert f"--{f.name}" in text and f"{train.SPD_HELP[f.name]} (resid_mlp1's default: {default}" in text
+    import apd  # the APD-only flags, and the APD preset's value of the flags both methods have
+
+    apd_defaults = {**dataclasses.asdict(apd.APDConfig()), **train.APD_PRESETS["resid_mlp1"]}
+    assert set(train.APD_HELP) | {f.name for f in dataclasses.fields(spd.SPDConfig)} >= set(apd_defaults)
+    for name, help_text in train.APD_HELP.items():
+        assert f"--{name}" in text and f"{help_text} (resid_mlp1's default: {apd_defaults[name]})" in text
+    assert f"(resid_mlp1's default: 100; with --method apd: 130)" in text  # --C
 
 
 def test_a_run_that_has_not_converged_says_so_and_names_the_paper_step_count():

@@ -3,10 +3,13 @@
     python train.py --model tms_5-2
     python train.py --model resid_mlp3 --steps 200000 --device cuda
     python train.py --model tms_40-10 --C 100 --importance_minimality 3e-4 --out runs/my_run
+    python train.py --model tms_5-2 --method apd       # the APD baseline (apd.py), its paper's settings
 
 Reads top to bottom: parse args, build the config, seed and device, target model, decomposition,
 training loop (progress bar and periodic loss lines), evaluation, save. Every field of
 spd.SPDConfig is a flag; each preset's defaults are the paper's appendix values (PRESETS below).
+--method apd runs the APD baseline (apd.py) instead, with the APD paper's values (APD_PRESETS) and
+the same run folder, resume and errors.
 The run folder gets decomposition.pt + config.json (reload with spd.load), metrics.json,
 losses.jsonl and PNG figures; the trained target is cached under --target_dir.
 """
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 import analysis
+import apd
 import models
 import spd
 
@@ -58,6 +62,28 @@ PRESETS: dict[str, dict] = {
                  lr_schedule="constant", lr_warmup_pct=0.01, steps=20_000, batch_size=2),
 }
 
+# APD hyperparameters per preset (--method apd): overrides of apd.APDConfig's defaults (APD D.1.1,
+# TMS 5-2), from the APD paper's appendix D; where the authors' configs differ, the comment says so.
+_APD_TMS = dict(targets=["linear1", "linear2"], steps=20_000, batch_size=2048, lr_warmup_pct=0.05, init="xavier_normal")
+_APD_RESID = dict(targets=["layers.*.mlp_in", "layers.*.mlp_out"], act_recon=1.0, act_recon_targets=["layers.*.mlp_in"],
+                  schatten_p=0.9, topk=1.28, batch_size=2048, lr=1e-3, lr_schedule="cosine", lr_warmup_pct=0.01,
+                  init="kaiming_uniform", init_scale=2.0)
+APD_PRESETS: dict[str, dict] = {
+    # APD D.1.1. The authors' code makes each matrix rank min(d_in, d_out) + 1 = 3; the paper's (and our) default is 2.
+    "tms_5-2": dict(_APD_TMS, C=5, topk=0.211, minimality=1.0, simplicity=0.7, schatten_p=1.0, lr=0.03, lr_schedule="constant"),
+    # Not in the APD paper (the SPD paper: "APD fails"); TMS 5-2's settings.
+    "tms_5-2-id": dict(_APD_TMS, targets=["linear1", "linear2", "hidden_layers.0"], C=5, topk=0.211, minimality=1.0,
+                       simplicity=0.7, schatten_p=1.0, lr=0.03, lr_schedule="constant"),
+    # APD D.1.2. The authors' config: C 40, topk 2, simplicity 15.
+    "tms_40-10": dict(_APD_TMS, C=50, topk=1.0, minimality=10.0, simplicity=20.0, schatten_p=0.9, lr=1e-3, lr_schedule="cosine"),
+    "tms_40-10-id": dict(_APD_TMS, targets=["linear1", "linear2", "hidden_layers.0"], C=50, topk=1.0, minimality=10.0,
+                         simplicity=20.0, schatten_p=0.9, lr=1e-3, lr_schedule="cosine"),
+    # APD D.2. The authors' configs: batch 256, 10k steps (resid_mlp1); resid_mlp2 without unit-norm V.
+    "resid_mlp1": dict(_APD_RESID, C=130, minimality=1.0, simplicity=10.0, steps=40_000, unit_norm_V=True),
+    "resid_mlp2": dict(_APD_RESID, C=200, minimality=2.0, simplicity=7.0, steps=10_000),
+}
+METHODS = {"spd": (spd, spd.SPDConfig, PRESETS), "apd": (apd, apd.APDConfig, APD_PRESETS)}
+
 # One line per SPD flag for --help (the defaults shown are the chosen preset's).
 SPD_HELP = {
     "targets": "module paths of the matrices to decompose (fnmatch globs allowed)",
@@ -88,6 +114,19 @@ SPD_HELP = {
     "tied_updates": "tied matrices (TMS): shared (one update per step) or separate (one per use, authors' code)",
     "seed": "seed of the decomposition's initialisation and mask draws",
 }
+# The APD-only flags (--method apd); the others (C, targets, steps, lr, ...) mean the same in both.
+APD_HELP = {
+    "m": "APD: rank of each matrix of a component (default: min(d_in, d_out), full rank)",
+    "init_scale": "APD: scale of the initialisation (--init xavier_normal or kaiming_uniform for APD)",
+    "minimality": "APD β: top-k forward's output against the target's (APD eq. 17)",
+    "act_recon": "APD: minimality's hidden-activation term (MLP activations after the ReLU)",
+    "act_recon_targets": "APD: modules whose ReLU'd outputs --act_recon compares",
+    "simplicity": "APD α: Schatten-p proxy of the active components' ranks (APD eq. 22)",
+    "schatten_p": "APD: p of the Schatten norm",
+    "topk": "APD: batch top-k, active components per input on average (int(topk * batch) per batch)",
+    "unit_norm_V": "APD: keep each row of V at unit norm (APD D.2)",
+}
+SPD_ONLY = [f.name for f in dataclasses.fields(spd.SPDConfig) if f.name not in {g.name for g in dataclasses.fields(apd.APDConfig)}]
 
 TARGET_FLAGS = ("n_features", "n_hidden", "n_hidden_layers", "n_layers", "d_embed", "d_mlp")
 
@@ -95,6 +134,8 @@ TARGET_FLAGS = ("n_features", "n_hidden", "n_hidden_layers", "n_layers", "d_embe
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help=f"preset: {', '.join(PRESETS)}")
+    ap.add_argument("--method", default="spd", choices=list(METHODS),
+                    help=f"spd (default) or apd, the baseline (presets: {', '.join(APD_PRESETS)})")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when present)")
     ap.add_argument("--out", default=None, help="run folder (default runs/<model>_seed<seed>)")
     ap.add_argument("--target_dir", default="runs/targets", help="cache of trained target models")
@@ -118,8 +159,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     target = models.TARGET_PRESETS.get(model, {})
     for name in TARGET_FLAGS:
         ap.add_argument(f"--{name}", type=int, help="target size" + (f" ({where} default: {target[name]})" if name in target else ""))
+    apd_defaults = {**dataclasses.asdict(apd.APDConfig()), **APD_PRESETS.get(model, {})}
     for f in dataclasses.fields(spd.SPDConfig):  # every hyperparameter is a flag
-        text = f"{SPD_HELP[f.name]} ({where} default: {defaults[f.name]})".replace("%", "%%")
+        text = f"{SPD_HELP[f.name]} ({where} default: {defaults[f.name]}"
+        if f.name not in SPD_ONLY and model in APD_PRESETS:  # a flag of both methods
+            text += f"; with --method apd: {apd_defaults[f.name]}"
+        text = (text + ")").replace("%", "%%")
         if f.type in ("bool", bool):
             ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "targets":
@@ -127,13 +172,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         else:
             typ = {"int": int, "float": float, "str": str, "float | None": float}.get(str(f.type), str)
             ap.add_argument(f"--{f.name}", type=typ, default=None, help=text)
+    for f in dataclasses.fields(apd.APDConfig):
+        if f.name in APD_HELP:
+            text = f"{APD_HELP[f.name]} ({where} default: {apd_defaults[f.name]})".replace("%", "%%")
+            if f.type in ("bool", bool):
+                ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=text)
+            elif f.name == "act_recon_targets":
+                ap.add_argument(f"--{f.name}", nargs="+", help=text)
+            else:
+                ap.add_argument(f"--{f.name}", type={"float": float, "int | None": int}.get(str(f.type), str),
+                                default=None, help=text)
     return ap.parse_args(argv)
 
 
-def spd_config(args: argparse.Namespace) -> spd.SPDConfig:
-    """The preset's SPD settings with every flag given on the command line applied."""
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(spd.SPDConfig) if getattr(args, f.name) is not None}
-    return spd.SPDConfig(**{**PRESETS[args.model], **flags})
+def spd_config(args: argparse.Namespace) -> spd.SPDConfig | apd.APDConfig:
+    """The preset's settings of the chosen --method with every flag given on the command line applied;
+    SystemExit for a flag of the other method."""
+    _, Config, presets = METHODS[args.method]
+    other = SPD_ONLY if args.method == "apd" else list(APD_HELP)
+    given = [name for name in other if getattr(args, name) is not None]
+    if given:
+        raise SystemExit(f"--{given[0]} is {'an SPD' if args.method == 'apd' else 'an APD'} flag; "
+                         f"{'drop it' if args.method == 'apd' else 'add --method apd'} (this run is --method {args.method})")
+    if args.model not in presets:
+        raise SystemExit(f"--method {args.method} has no preset for --model {args.model}; "
+                         f"its presets: {', '.join(presets)}")
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    return Config(**{**presets[args.model], **flags})
 
 
 def check_run_flags(args: argparse.Namespace, out: Path) -> None:
@@ -257,7 +322,7 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
     saved = same_settings("--resume", out, run_config)
     run_config["command"] = saved.get("command", run_config["command"])  # the command that started the run
     try:
-        meta = spd.load(dec, out)
+        meta = METHODS[run_config["method"]][0].load(dec, out)
         state = spd.read_tensors(path)
         if not isinstance(state, dict) or any(k not in state for k in ("step", "optimizer", "torch_rng", "data_rng")):
             raise ValueError(f"{path} is not a train state written by train.py; start afresh with another --out")
@@ -285,11 +350,15 @@ def same_settings(flag: str, out: Path, run_config: dict) -> dict:
         saved = spd.read_config(out)["config"]
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"{flag}: {e}")
-    if not isinstance(saved.get("spd", {}), dict):
-        raise SystemExit(f"{flag}: {out / 'config.json'} has no SPD settings (config.spd); is it a run of train.py?")
-    saved_spd = {**dataclasses.asdict(spd.SPDConfig()), **saved.get("spd", {})}
-    if saved.get("model") != run_config["model"] or saved_spd != run_config["spd"]:
-        diff = sorted(k for k in run_config["spd"] if saved_spd.get(k) != run_config["spd"][k])
+    method = run_config["method"]
+    if saved.get("method", "spd") != method:
+        raise SystemExit(f"{flag}: the run in {out} is an {saved.get('method', 'spd').upper()} run; "
+                         f"pass --method {saved.get('method', 'spd')}, or another --out")
+    if not isinstance(saved.get(method, {}), dict):
+        raise SystemExit(f"{flag}: {out / 'config.json'} has no {method.upper()} settings (config.{method}); is it a run of train.py?")
+    saved_cfg = {**dataclasses.asdict(METHODS[method][1]()), **saved.get(method, {})}
+    if saved.get("model") != run_config["model"] or saved_cfg != run_config[method]:
+        diff = sorted(k for k in run_config[method] if saved_cfg.get(k) != run_config[method][k])
         raise SystemExit(f"{flag}: the run in {out} was made with other settings (model {saved.get('model')}; "
                          f"differing flags: {diff}); use the same flags or another --out")
     return saved
@@ -312,10 +381,11 @@ def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path) -> dict:
 
     t0 = time.time()
     try:
-        final = spd.optimize(dec, lambda b: sample(b, gen), cfg, log=log, log_every=args.log_every,
-                             checkpoint=lambda step, opt: spd.save(dec, out, run_config, step, train_state(opt, gen)),
-                             save_every=args.save_every, progress=not args.no_progress,
-                             start_step=start, opt_state=opt_state)
+        method = METHODS[run_config["method"]][0]
+        final = method.optimize(dec, lambda b: sample(b, gen), cfg, log=log, log_every=args.log_every,
+                                checkpoint=lambda step, opt: method.save(dec, out, run_config, step, train_state(opt, gen)),
+                                save_every=args.save_every, progress=not args.no_progress,
+                                start_step=start, opt_state=opt_state)
     except FloatingPointError as e:
         raise SystemExit(f"{e}\n{last_checkpoint(out)}")
     except spd.Interrupted as e:
@@ -340,7 +410,7 @@ def reload_finished(dec, out: Path, run_config: dict) -> dict:
     timing), so only the evaluation is recomputed."""
     same_settings("--evaluate_only", out, run_config)
     try:
-        spd.load(dec, out)
+        METHODS[run_config["method"]][0].load(dec, out)
     except (ValueError, OSError) as e:
         raise SystemExit(f"--evaluate_only: {e}")
     keys = ("final_losses", "seconds", "ms_per_step")
@@ -381,7 +451,7 @@ def main(argv=None) -> dict:
     except ValueError as e:
         raise SystemExit(str(e))
     device = pick_device(args.device)
-    out = Path(args.out or f"runs/{args.model}_seed{cfg.seed}")
+    out = Path(args.out or f"runs/{args.model}{'_apd' if args.method == 'apd' else ''}_seed{cfg.seed}")
     check_run_flags(args, out)
     if args.resume and not (out / "config.json").exists():
         raise SystemExit(f"--resume: no checkpoint to resume in {out} (no config.json; a run writes one every "
@@ -412,46 +482,52 @@ def main(argv=None) -> dict:
     # --- decomposition (seeded, so a run is reproducible on one machine)
     torch.manual_seed(cfg.seed)
     try:
-        dec = spd.Decomposition.from_config(target, cfg, max_seq_len=tcfg.get("seq_len")).to(device)
+        if args.method == "apd":
+            dec = apd.APDDecomposition.from_config(target, cfg).to(device)
+        else:
+            dec = spd.Decomposition.from_config(target, cfg, max_seq_len=tcfg.get("seq_len")).to(device)
     except ValueError as e:
         raise SystemExit(str(e))
     out.mkdir(parents=True, exist_ok=True)  # only now: a start that failed above leaves no empty folder
     print(f"run folder: {out}   device: {device}")
     sample = (lambda b, g=None: prompts) if args.model == "gpt2" else models.batch_fn(tcfg, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    run_config = {"model": args.model, "spd": dataclasses.asdict(cfg), "target": tcfg, "code": code_version(),
-                  "command": "python train.py " + shlex.join(argv)}
+    run_config = {"model": args.model, "method": args.method, args.method: dataclasses.asdict(cfg), "target": tcfg,
+                  "code": code_version(), "command": "python train.py " + shlex.join(argv)}
     training = reload_finished(dec, out, run_config) if args.evaluate_only else decompose(args, cfg, dec, sample, gen, run_config, out)
 
     # --- evaluation, from a fixed RNG state (its stochastic losses draw masks): --evaluate_only repeats it exactly
     torch.manual_seed(12345)
     eval_batch = sample(cfg.batch_size, torch.Generator(device=device).manual_seed(12345))
-    metrics = {**training, "device": str(device), **analysis.evaluate_common(dec, eval_batch, cfg)}
-    if tcfg["family"] == "tms":
-        metrics.update(analysis.evaluate_tms(dec, out))
-    elif tcfg["family"] == "resid_mlp":
-        metrics.update(analysis.evaluate_resid_mlp(dec, target, out))
-    elif tcfg["family"] == "induction":
-        metrics.update(analysis.evaluate_induction(dec, target, cfg, out, progress=not args.no_progress))
-    elif tcfg["family"] == "gpt2":
-        metrics.update(analysis.evaluate_gpt2(dec, target, tokenizer, out, sentences=tcfg["sentences"],
-                                              progress=not args.no_progress))
-    analysis.plot_ci_histograms(dec, spd.split_batch(eval_batch)[0],
-                                out / "ci_histograms.png")
+    if args.method == "apd":
+        metrics = {**training, "device": str(device), **analysis.evaluate_apd(dec, target, tcfg, eval_batch, cfg, out)}
+    else:
+        metrics = {**training, "device": str(device), **analysis.evaluate_spd(dec, target, tcfg, eval_batch, cfg, out,
+                                                                              tokenizer if args.model == "gpt2" else None,
+                                                                              progress=not args.no_progress)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
-    for warning in convergence_warnings(args.model, tcfg, cfg, metrics):
+    for warning in convergence_warnings(args.model, tcfg, cfg, metrics, args.method):
         print("WARNING: " + warning)
     written = sorted(p.name for p in out.iterdir() if p.suffix in (".png", ".md"))
     print(f"wrote in {out}: metrics.json, {', '.join(written)}")
     return metrics
 
 
-def convergence_warnings(model: str, tcfg: dict, cfg: spd.SPDConfig, metrics: dict) -> list[str]:
+def convergence_warnings(model: str, tcfg: dict, cfg, metrics: dict, method: str = "spd") -> list[str]:
     """The signs, per target family, of a decomposition that has not found the target's mechanisms,
     with the preset's paper step count when the run had fewer steps."""
     signs = []
-    if tcfg["family"] == "tms":
+    if method == "apd":
+        n, own = tcfg.get("n_features"), metrics.get("features_with_own_component")
+        if own is not None and own < n:
+            signs.append(f"{n - own} of {n} features have no component of their own (cosine >= {analysis.RECOVERED_COS} "
+                         f"and no other feature's best match): APD merged or missed them")
+        mono = metrics.get("in_monosemantic_fraction")
+        if mono is not None and mono < MIN_MONOSEMANTIC:
+            signs.append(f"only {mono:.0%} of the input features have a most attributed component of their own: "
+                         f"not converged, or APD merged them")
+    elif tcfg["family"] == "tms":
         n, large, ml2r = tcfg["n_features"], metrics["linear1/n_large_subcomponents"], metrics["ml2r_large"]
         if large < n:
             signs.append(f"W has {large} large subcomponents for {n} features: SPD merged features into one "
@@ -470,7 +546,7 @@ def convergence_warnings(model: str, tcfg: dict, cfg: spd.SPDConfig, metrics: di
         if total > INDUCTION_MAX_UNIQUE:
             signs.append(f"{total} subcomponents are active somewhere (paper: {analysis.PAPER_TOTAL_UNIQUE}): "
                          f"not converged")
-    steps = PRESETS[model]["steps"]
+    steps = METHODS[method][2][model]["steps"]
     if signs and cfg.steps < steps:
         signs.append(f"this run had {cfg.steps} steps; the paper's setting for {model} is --steps {steps}")
     return signs

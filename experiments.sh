@@ -24,7 +24,7 @@ if (( QUICK )); then  # about 8.4 hours of one CPU thread (measured), plus the t
   RESID_ARGS="--steps 10000"; RESID3_ARGS="--steps 10000 --C 200 --d_gate 32"
   IH_ARGS="--steps 3000 --batch_size 64"; IH_TARGET="--target_steps 3000"
   SEEDS_APD="0 1 2"; APD_4010_SEEDS="0"
-  SWEEP_SPD="--steps 20000 --batch_size 1024"; SWEEP_APD="--steps 10000"  # a half and a quarter of the papers' steps
+  SWEEP_SPD="--steps 20000 --batch_size 1024"; SWEEP_APD="--steps 10000"  # half of each paper's steps (SPD: a quarter of its batch)
   SUFFIX=_quick
 else
   ROOT=runs/experiments; SEEDS_52="0 1 2 3 4"; SEEDS_4010="0 1 2 3 4"

@@ -390,12 +390,7 @@ def project_V_grads_(dec: APDDecomposition) -> None:
 
 def check_config(dec: APDDecomposition, cfg: APDConfig | dict) -> None:
     """cfg.validate(), and that dec was built with cfg's ARCHITECTURE fields; else ValueError."""
-    cfg = cfg if isinstance(cfg, APDConfig) else APDConfig(**{**dataclasses.asdict(APDConfig()), **cfg})
-    cfg.validate()
-    for f in ARCHITECTURE:
-        if getattr(cfg, f) != dec.settings[f]:
-            raise ValueError(f"the config has {f} = {getattr(cfg, f)!r} but the decomposition was built with "
-                             f"{dec.settings[f]!r}; build it with apd.APDDecomposition.from_config(target, cfg)")
+    spd.check_config(dec, cfg, APDConfig, ARCHITECTURE)
 
 
 def optimize(dec: APDDecomposition, batch_fn: Callable[[int], torch.Tensor], cfg: APDConfig,

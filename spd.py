@@ -705,14 +705,16 @@ def make_optimizer(dec: Decomposition, cfg: SPDConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
 
 
-def check_config(dec: Decomposition, cfg: SPDConfig | dict) -> None:
-    """cfg.validate(), and that dec was built with cfg's ARCHITECTURE fields; else ValueError."""
-    cfg = cfg if isinstance(cfg, SPDConfig) else SPDConfig(**{**dataclasses.asdict(SPDConfig()), **cfg})
+def check_config(dec: Decomposition, cfg: SPDConfig | dict, Config=SPDConfig, architecture=ARCHITECTURE) -> None:
+    """cfg.validate(), and that dec was built with cfg's `architecture` fields; else ValueError.
+    apd.py passes its own Config and architecture."""
+    cfg = cfg if isinstance(cfg, Config) else Config(**{**dataclasses.asdict(Config()), **cfg})
     cfg.validate()
-    for f in ARCHITECTURE:
+    for f in architecture:
         if getattr(cfg, f) != dec.settings[f]:
-            raise ValueError(f"the config has {f} = {getattr(cfg, f)!r} but the Decomposition was built with "
-                             f"{dec.settings[f]!r}; build it with spd.Decomposition.from_config(target, cfg)")
+            raise ValueError(f"the config has {f} = {getattr(cfg, f)!r} but the {type(dec).__name__} was built with "
+                             f"{dec.settings[f]!r}; build it with {type(dec).__module__}.{type(dec).__name__}"
+                             f".from_config(target, cfg)")
 
 
 def check_loop(log_every: int = 1000, save_every: int = 0, start_step: int = 0) -> None:

@@ -425,6 +425,42 @@ def reload_finished(dec, out: Path, run_config: dict) -> dict:
                          f"it cannot be re-evaluated without losing its training record: restore it") from None
 
 
+def load_run(run_dir: str | os.PathLike, device: str = "cpu", target_dir: str | None = None) -> tuple:
+    """A finished SPD run folder, rebuilt from the command in its config.json: (dec, target, tcfg,
+    cfg, sample), sample(batch, generator) drawing the run's inputs. The target comes from the cache
+    (the run's --target_dir, relative to where it was made, unless target_dir is given) or is
+    retrained the same way. SystemExit with one line when the folder is not a finished SPD run."""
+    out = Path(run_dir)
+    try:
+        meta = spd.read_config(out)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e))
+    run_config = meta["config"]
+    if run_config.get("method", "spd") != "spd" or "command" not in run_config:
+        raise SystemExit(f"{out} holds {'an ' + run_config['method'].upper() if 'method' in run_config else 'no train.py'}"
+                         f" run; this needs an SPD run folder written by train.py")
+    if not (out / "metrics.json").exists():
+        raise SystemExit(f"{out} is not a finished run (no metrics.json); finish it with train.py ... --resume first")
+    args = parse_args(shlex.split(run_config["command"])[2:])
+    args.device = device
+    if target_dir is not None:
+        args.target_dir = target_dir
+    dev = pick_device(device)
+    if args.model == "gpt2":
+        target, tcfg, _, prompts = get_gpt2(args, dev)
+        sample = lambda b, g=None: prompts
+    else:
+        target, tcfg = get_target(args, dev)
+        sample = models.batch_fn(tcfg, dev)
+    cfg = spd_config(args)
+    dec = spd.Decomposition.from_config(target, cfg, max_seq_len=tcfg.get("seq_len")).to(dev)
+    try:
+        spd.load(dec, out)
+    except (ValueError, OSError) as e:
+        raise SystemExit(str(e))
+    return dec, target, tcfg, cfg, sample
+
+
 def code_version() -> str:
     """The git commit of this code, recorded in each run's config; "+dirty" if one of the modules a
     run executes (spd, models, train, analysis) differs from that commit."""

@@ -360,8 +360,9 @@ def alpha_lower_bound(membership: np.ndarray, groups: list[list[int]], ranks: np
 # I. A run folder
 # ================================================================================================
 
-DEFAULT_ALPHA = 1.0
+DEFAULT_ALPHA = 2.0  # inside the interval that recovers every toy model's known partition (results/clustering*.md)
 DEFAULT_THRESHOLD = 0.1
+JACCARD_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)  # the cross-check's thresholds, reported for known partitions
 
 
 def named(groups: list[list[int]], names: list[str]) -> list[list[str]]:
@@ -415,6 +416,8 @@ def cluster_decomposition(dec: spd.Decomposition, tcfg: dict, cfg, x, valid=None
         result["known"] = {"n_groups": len(set(truth)), "ari": adjusted_rand_index(truth, labels_of(groups, live)),
                            "alpha_lower_bound": alpha_lower_bound(A, _groups_of(truth, live)),
                            "jaccard_ari": adjusted_rand_index(truth, labels_of(jac, live)),
+                           "jaccard_sweep": [{"threshold": t, "ari": adjusted_rand_index(truth, labels_of(jaccard_merge(A, t), live))}
+                                             for t in JACCARD_SWEEP],
                            "partition": sorted(named(_groups_of(truth, live), names)),
                            "sweep": [{"alpha": a, **_agreement(A, a, truth, live)} for a in sweep]}
     return result, A, groups, live
@@ -447,9 +450,11 @@ def plot_clusters(A: np.ndarray, groups: list[list[int]], history: list[dict], p
     if len(order) <= 40:  # few enough to name
         axes[0].set_yticks(range(len(order)), [names[k] for k in order], fontsize=6)
         axes[0].set_xticks([])
-    for edge in np.cumsum([len(grp) for grp in groups])[:-1]:
-        axes[0].axhline(edge - 0.5, color="w", lw=0.5)
-        axes[0].axvline(edge - 0.5, color="w", lw=0.5)
+    start = 0
+    for grp in groups:  # a box around each cluster of more than one subcomponent
+        if len(grp) > 1:
+            axes[0].add_patch(plt.Rectangle((start - 0.5, start - 0.5), len(grp), len(grp), fill=False, ec="r", lw=1))
+        start += len(grp)
     axes[0].set_title(f"co-activation (Jaccard), {len(order)} live subcomponents\nordered by cluster ({len(groups)})")
     fig.colorbar(im, ax=axes[0], fraction=0.046)
     axes[1].plot([h["cost"] for h in history], marker="." if len(history) < 60 else None)
@@ -554,5 +559,69 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --- the results table (results/clustering*.md) ----------------------------------------------------
+
+SYNTHETIC = dict(n=4000, sizes=[3, 3, 4, 2, 5], p_active=0.1, p_drop=0.05, seed=0)  # test_cluster.py's
+SWEEP = [0.1, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 10, 20, 30, 50]
+
+
+def interval(sweep: list[dict]) -> str:
+    """The swept alphas at which the known partition came out exactly (ARI 1), as 'lo-hi' (or 'none')."""
+    hits = [s["alpha"] for s in sweep if s["ari"] == 1.0]
+    return "none" if not hits else f"{min(hits):g}" if len(hits) == 1 else f"{min(hits):g}-{max(hits):g}"
+
+
+def synthetic_rows(alphas=SWEEP) -> tuple[float, list[dict]]:
+    A, planted = planted_membership(**SYNTHETIC)
+    cols = list(range(A.shape[1]))
+    truth = labels_of(planted, cols)
+    return alpha_lower_bound(A, planted), [{"alpha": a, "ari": adjusted_rand_index(truth, labels_of(merge(A, a), cols)),
+                                            "n_groups": len(merge(A, a))} for a in alphas]
+
+
+def report(run_dirs: list[str], out: Path) -> None:
+    """results/clustering*.md from the clusters.json of each run folder (python cluster.py RUN --sweep ...)."""
+    bound, rows = synthetic_rows()
+    lines = ["# Clustering subcomponents into mechanisms (cluster.py)", "",
+             "Made by `python cluster.py report ...` from each run's clusters.json. ARI: adjusted Rand index",
+             "with the known partition (1 = exactly the paper's mechanisms). α*: the smallest alpha at which",
+             "the known partition is a stopping point of the greedy merge (`alpha_lower_bound`, derived from the",
+             "cost); below it the merge cannot return it.", "",
+             f"## Synthetic: planted blocks {SYNTHETIC['sizes']}, each active with p {SYNTHETIC['p_active']}, members "
+             f"dropping out with p {SYNTHETIC['p_drop']}, {SYNTHETIC['n']} inputs", "",
+             f"α* = {bound:.3f}; exact recovery at α in {interval(rows)} of the swept values.", "",
+             "| alpha | " + " | ".join(f"{r['alpha']:g}" for r in rows) + " |",
+             "|---|" + "---|" * len(rows),
+             "| ARI | " + " | ".join(f"{r['ari']:.2f}" for r in rows) + " |",
+             "| groups | " + " | ".join(str(r["n_groups"]) for r in rows) + " |", "",
+             "## Runs", "",
+             "| run | live subcomponents | known mechanisms | α* | ARI at the swept alphas | exact at α | groups at the run's α (ARI) | Jaccard cross-check: ARI at its thresholds |",
+             "|---|---|---|---|---|---|---|---|"]
+    commands = []
+    for run in run_dirs:
+        r = json.loads((Path(run) / "clusters.json").read_text())
+        k = r.get("known")
+        cells = [run, f"{r['n_live']} of {r['n_subcomponents']}"]
+        if k:
+            cells += [str(k["n_groups"]), f"{k['alpha_lower_bound']:.2f}",
+                      ", ".join(f"{s['alpha']:g}: {s['ari']:.2f}" for s in k["sweep"]), interval(k["sweep"]),
+                      f"{r['n_groups']} at {r['alpha']:g} ({k['ari']:.2f})",
+                      ", ".join(f"{j['threshold']:g}: {j['ari']:.2f}" for j in k["jaccard_sweep"])]
+        else:  # no known partition (induction): the groups only
+            cells += ["-", "-", "-", "-", f"{r['n_groups']} at {r['alpha']:g}", f"{r['jaccard']['n_groups']} groups at 0.5"]
+        lines.append("| " + " | ".join(cells) + " |")
+        commands += [spd.read_config(run)["config"].get("command", "?"), r["command"]]
+    lines += ["", "Commands (each run's decomposition, then its clustering):", "", "```", *commands, "```", ""]
+    out.write_text("\n".join(lines))
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["report"]:
+        ap = argparse.ArgumentParser(description="results table from clusters.json files")
+        ap.add_argument("runs", nargs="+")
+        ap.add_argument("--out", required=True)
+        a = ap.parse_args(sys.argv[2:])
+        report(a.runs, Path(a.out))
+    else:
+        main()

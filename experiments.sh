@@ -7,7 +7,7 @@
 #   bash experiments.sh            # paper settings (GPU strongly advised: resid_mlp3 and induction
 #                                  # take days on a CPU)
 #   bash experiments.sh --quick    # CPU-sized: fewer seeds and steps, smaller residual MLPs
-#   bash experiments.sh [--quick] spd|apd|robustness    # one part only
+#   bash experiments.sh [--quick] spd|apd|robustness|clustering    # one part only (clustering: of the spd part's runs)
 #
 # Every run folder lands in runs/experiments[_quick]/; rerunning skips runs whose metrics.json exists
 # and continues killed ones from their last checkpoint (train.py --resume).
@@ -17,7 +17,7 @@ cd "$(dirname "$0")"
 QUICK=0
 [[ "${1:-}" == "--quick" ]] && { QUICK=1; shift; }
 PART="${1:-all}"
-case "$PART" in all|spd|apd|robustness) ;; *) echo "unknown part '$PART': use spd, apd or robustness (or nothing: all)"; exit 1;; esac
+case "$PART" in all|spd|apd|robustness|clustering) ;; *) echo "unknown part '$PART': use spd, apd, robustness or clustering (or nothing: all)"; exit 1;; esac
 if (( QUICK )); then  # about 8.4 hours of one CPU thread (measured), plus the targets
   ROOT=runs/experiments_quick; SEEDS_52="0 1"; SEEDS_4010="0"
   TMS_STEPS=20000; TMS_40_STEPS=10000
@@ -105,5 +105,18 @@ else
   echo "GPT-2 skipped: transformers is not installed or the weights '${GPT2:-gpt2}' cannot be loaded" \
        "(offline? set GPT2=/path/to/local/gpt2 to use a local copy)"
 fi
+fi
+
+# --- Clustering the subcomponents into mechanisms (cluster.py), against the toy models' known ones:
+# ARI over alpha, results/clustering.md; the induction run's groups (no known partition) are listed too
+if [[ "$PART" == all || "$PART" == clustering ]]; then
+done_runs=()
+for name in tms_5-2-id_s0 tms_5-2-id_s1 tms_5-2-id_s2 tms_5-2-id_s3 tms_40-10-id_s0 resid_mlp1 resid_mlp2 induction; do
+  [[ -f "$ROOT/$name/metrics.json" ]] || { echo "clustering: skip $ROOT/$name (not run)"; continue; }
+  [[ "$name" == induction ]] && sweep=() || sweep=(--sweep 0.1 0.3 0.5 0.7 1 1.5 2 3 5 10 20 30 50)
+  python cluster.py "$ROOT/$name" "${sweep[@]}"
+  done_runs+=("$ROOT/$name")
+done
+(( ${#done_runs[@]} )) && python cluster.py report "${done_runs[@]}" --out "results/clustering$SUFFIX.md"
 fi
 echo "tables written to results/"

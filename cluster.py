@@ -420,6 +420,10 @@ def cluster_decomposition(dec: spd.Decomposition, tcfg: dict, cfg, x, valid=None
                                              for t in JACCARD_SWEEP],
                            "partition": sorted(named(_groups_of(truth, live), names)),
                            "sweep": [{"alpha": a, **_agreement(A, a, truth, live)} for a in sweep]}
+        own = [g["top_outputs"][0][0] == int(g["known"][0].split()[1]) for g in entries
+               if "top_outputs" in g and len(g["known"]) == 1 and g["known"][0].startswith("feature ")]
+        result["known"]["single_feature_groups"] = len(own)
+        result["known"]["ablation_hits_own_output"] = sum(own) / len(own) if own else None
     return result, A, groups, live
 
 
@@ -437,7 +441,7 @@ def _agreement(A: np.ndarray, alpha: float, truth: list[str], live: list[int]) -
 
 def plot_clusters(A: np.ndarray, groups: list[list[int]], history: list[dict], path: Path, title: str,
                   names: list[str], sweep: list[dict] = (), bound: float | None = None) -> None:
-    """Jaccard co-activation of the live subcomponents ordered by cluster (lines between clusters),
+    """Jaccard co-activation of the live subcomponents ordered by cluster (boxes around clusters),
     the cost against the merge step, and ARI against alpha when a sweep was made (with the known
     partition's alpha_lower_bound dashed)."""
     import analysis
@@ -554,6 +558,9 @@ def summary(result: dict) -> str:
         k = result["known"]
         lines.append(f"known partition ({k['n_groups']} mechanisms): ARI {k['ari']:.3f} (Jaccard: {k['jaccard_ari']:.3f}); "
                      f"no alpha below {k['alpha_lower_bound']:.3g} can return it")
+        if k["ablation_hits_own_output"] is not None:
+            lines.append(f"  ablating a group of one feature changes that feature's output most in "
+                         f"{k['ablation_hits_own_output']:.0%} of the {k['single_feature_groups']} such groups")
         for s in k["sweep"]:
             lines.append(f"  alpha {s['alpha']:g}: ARI {s['ari']:.3f}, {s['n_groups']} groups")
     return "\n".join(lines)
@@ -611,6 +618,22 @@ def report(run_dirs: list[str], out: Path) -> None:
             cells += ["-", "-", "-", "-", f"{r['n_groups']} at {r['alpha']:g}", f"{r['jaccard']['n_groups']} groups at 0.5"]
         lines.append("| " + " | ".join(cells) + " |")
         commands += [spd.read_config(run)["config"].get("command", "?"), r["command"]]
+    for run in run_dirs:  # sequence models: what each group holds and where it fires
+        r = json.loads((Path(run) / "clusters.json").read_text())
+        if r["groups"] and "positions" in r["groups"][0]:
+            lines += ["", f"## {run}: the groups (no known partition; compare the transformer paper's Table 1)", "",
+                      f"{r['n_live']} live subcomponents in {r['n_groups']} groups at alpha {r['alpha']:g}. The largest "
+                      "groups (by rank): their subcomponents per matrix, and the fraction of each position class at "
+                      "which the group is active.", "",
+                      "| rank | subcomponents per matrix | s1 | m | s2 | random | bos | ablation KL |", "|---|---|---|---|---|---|---|---|"]
+            for g in sorted(r["groups"], key=lambda g: -g["rank"])[:15]:
+                per = {}
+                for m in g["members"]:
+                    per[m.rsplit(":", 1)[0]] = per.get(m.rsplit(":", 1)[0], 0) + 1
+                pos = g["positions"]
+                lines.append(f"| {g['rank']} | {', '.join(f'{k} {v}' for k, v in per.items())} | " +
+                             " | ".join(f"{pos[c]:.2f}" for c in ("s1", "m", "s2", "random", "bos")) +
+                             f" | {g['divergence']:.3g} |")
     lines += ["", "Commands (each run's decomposition, then its clustering):", "", "```", *commands, "```", ""]
     out.write_text("\n".join(lines))
     print(f"wrote {out}")

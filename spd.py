@@ -30,11 +30,14 @@ Sections, in the order of SPD Algorithm 1 (readers cite them by letter):
                                     h = a V^T shared, a fused scalar Γ (optimize uses it on a CPU)
 
 Deliberately not supported: embedding matrices, adversarial (PGD) masks, the "delta component"
-and faithfulness warm-up of the authors' later code, multi-GPU training.
+and faithfulness warm-up of the authors' later code, sharding the decomposition over GPUs (FSDP).
+Data parallelism over processes (torchrun) is in section H: each process takes an equal share of the
+batch and the gradients are averaged, which is the one-process step on the whole batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
@@ -735,6 +738,32 @@ class Interrupted(KeyboardInterrupt):
         self.step = step
 
 
+def world_size() -> int:
+    """Processes of the torch.distributed job this runs in (torchrun), 1 outside one."""
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def average_over_processes_(tensors: list[torch.Tensor]) -> None:
+    """Data parallelism: replaces each tensor, in place, by its mean over the processes (one
+    all-reduce of them all, flattened). Every loss is a mean over the batch (faithfulness does not
+    depend on it), so the mean of the processes' gradients on equal shares of a batch is the gradient
+    on the whole batch."""
+    import torch.distributed as dist
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(v.view_as(t))
+
+
+def broadcast_from_first_process_(tensors: list[torch.Tensor]) -> None:
+    """Every process starts from process 0's values (the same seed should give them anyway)."""
+    import torch.distributed as dist
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
 def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple], cfg: SPDConfig,
              log: Callable[[int, dict], None] | None = None, log_every: int = 1000,
              checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None, save_every: int = 0,
@@ -747,41 +776,63 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     Raises FloatingPointError on a non-finite total loss or one DIVERGED times the lowest seen (checked
     every step on a CPU, every log_every steps and before each checkpoint on a GPU, where the check
     costs a host-device sync); a checkpoint is written only after a step whose loss passed it.
-    Ctrl-C finishes the current step, checkpoints it and raises Interrupted (a second one stops at once)."""
+    Ctrl-C finishes the current step, checkpoints it and raises Interrupted (a second one stops at once).
+    Under torch.distributed (torchrun, N processes): each process calls optimize, batch_fn(batch_size
+    / N) draws its own share (seed it per process), gradients and the checked and logged losses are
+    averaged over the processes; log, checkpoint and progress are the caller's to give to one process
+    only (checkpoint is called on every process). Ctrl-C is left to torchrun (it stops every process)."""
     from tqdm import tqdm
 
     check_config(dec, cfg)
     check_loop(log_every, save_every, start_step)
+    world = world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch_size {cfg.batch_size} does not split evenly over {world} processes; "
+                         f"use a multiple of {world}")
     opt = make_optimizer(dec, cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
+    params = dec.parameters_to_train()
+    if world > 1:
+        broadcast_from_first_process_(params)
     losses_fn = spd_losses_fast if fast_path(dec) else spd_losses  # section K: same values, faster on a CPU
     check_every = 1 if next(dec.parameters()).device.type == "cpu" else log_every
     losses, lowest, stop = {}, math.inf, []
+    shown = losses
     bar = tqdm(range(start_step, cfg.steps), disable=not progress, desc="SPD", dynamic_ncols=True, mininterval=1.0,
                initial=start_step, total=cfg.steps)
-    with _first_ctrl_c_sets(stop):
+    with _first_ctrl_c_sets(stop) if world == 1 else contextlib.nullcontext():
         for step in bar:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            x, valid = split_batch(batch_fn(cfg.batch_size))
+            x, valid = split_batch(batch_fn(cfg.batch_size // world))
             losses = losses_fn(dec, x, cfg, p_at(step, cfg), valid)
             saving = checkpoint is not None and save_every and (step + 1) % save_every == 0 and step + 1 < cfg.steps
+            logging = step % log_every == 0 or step == cfg.steps - 1
+            shown = losses  # what is checked and logged: data parallel, the whole batch's (the mean)
+            if world > 1 and (step % check_every == 0 or saving or logging):
+                shown = {k: v.detach().clone() for k, v in losses.items()}
+                average_over_processes_(list(shown.values()))
             if step % check_every == 0 or saving or stop:
-                lowest = _check_finite_and_not_diverged(losses, step, lowest, cfg)
+                lowest = _check_finite_and_not_diverged(shown, step, lowest, cfg)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
+            if world > 1:  # (a parameter this process gave no gradient may have one in another)
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                average_over_processes_([p.grad for p in params])
             opt.step()
-            if log is not None and (step % log_every == 0 or step == cfg.steps - 1):
-                log(step, {k: v.item() for k, v in losses.items()})
-                bar.set_postfix(total=f"{losses['total'].item():.3g}")
+            if log is not None and logging:
+                log(step, {k: v.item() for k, v in shown.items()})
+                bar.set_postfix(total=f"{shown['total'].item():.3g}")
             if saving or (stop and checkpoint is not None):
                 checkpoint(step + 1, opt)
             if stop:
                 raise Interrupted(step + 1)
     if checkpoint is not None:
         checkpoint(cfg.steps, opt)
-    return {k: v.item() for k, v in losses.items()}
+    return {k: v.item() for k, v in shown.items()}
 
 
 def _check_finite_and_not_diverged(losses: dict, step: int, lowest: float, cfg: SPDConfig) -> float:

@@ -4,6 +4,7 @@ forward passes, the known geometry of trained toy models, HF GPT-2's own logits.
 The training tests use scaled-down settings measured to finish in seconds on a 2-core CPU.
 """
 
+import json
 import math
 import re
 from pathlib import Path
@@ -811,3 +812,41 @@ def test_an_induction_target_that_did_not_learn_is_warned_about(capsys):
     train.check_target(target, tcfg, "cpu")
     out = capsys.readouterr().out
     assert re.search(r"induction accuracy 0\.0\d\d .*chance 0\.008", out) and "WARNING" in out and "--target_steps" in out
+
+
+def test_cli_wandb_logs_losses_metrics_and_figures_offline(tmp_path, monkeypatch):
+    """--wandb PROJECT with WANDB_MODE=offline: a real wandb run (its local record written in the run
+    folder) gets the loss lines as loss/NAME at their steps, then the metrics and the figures.
+    Skipped where wandb is not installed (it is an optional extra: pip install -e ".[wandb]")."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged, real_init = [], wandb.init
+
+    def init(**kw):  # the real run, with its log calls recorded on the way through
+        run = real_init(**kw)
+        real_log = run.log
+        run.log = lambda data, step=None: (logged.append((step, dict(data))), real_log(data, step=step))[1]
+        return run
+    monkeypatch.setattr(wandb, "init", init)
+    out = tmp_path / "run"
+    metrics = run_cli(tmp_path, "--model", "tms_5-2", "--steps", "12", "--batch_size", "32", "--target_steps", "50",
+                      "--log_every", "5", "--wandb", "spd-test")
+    assert next((out / "wandb").glob("offline-run-*/run-*.wandb")).stat().st_size > 0
+    lines = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
+    assert [s for s, _ in logged[:-1]] == [line["step"] for line in lines] == [0, 5, 10, 11]
+    for (_, data), line in zip(logged, lines):
+        assert data == {f"loss/{k}": v for k, v in line.items() if k != "step"}
+    step, final = logged[-1]
+    assert step == 12 and final["metrics/mmcs"] == metrics["mmcs"]
+    assert final["metrics/eval_losses/faithfulness"] == metrics["eval_losses"]["faithfulness"]
+    assert {k for k in final if k.startswith("figures/")} == {f"figures/{p.stem}" for p in out.glob("*.png")}
+
+
+def test_cli_wandb_without_the_package_says_how_to_get_it(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit, match="pip install wandb"):
+        run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "20", "--wandb", "p")
+    assert not (tmp_path / "run").exists()

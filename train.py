@@ -17,6 +17,7 @@ losses.jsonl and PNG figures; the trained target is cached under --target_dir.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -149,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--evaluate_only", action="store_true",
                     help="reload the finished run in --out (same flags) and recompute its metrics and figures")
     ap.add_argument("--no_progress", action="store_true", help="no progress bars")
+    ap.add_argument("--wandb", default=None, metavar="PROJECT",
+                    help="also log the loss lines, metrics and figures to this Weights & Biases project (pip install wandb)")
     ap.add_argument("--pretrained", default="gpt2", help="gpt2: HF model name or local folder")
     ap.add_argument("--dataset", default=None, help="gpt2: text file, one prompt per line (default: the paper's two sentences)")
     pre = argparse.ArgumentParser(add_help=False)  # the chosen preset, for the defaults --help shows
@@ -219,12 +222,59 @@ def check_run_flags(args: argparse.Namespace, out: Path) -> None:
         os.rmdir(tempfile.mkdtemp(dir=parent))
     except OSError as e:
         raise SystemExit(f"--out {out}: cannot create a folder in {parent} ({e.strerror}); pass a folder path you can write to")
+    if args.wandb is not None:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise SystemExit("--wandb needs the wandb package: pip install wandb (or drop --wandb)")
+        if not args.wandb.strip():
+            raise SystemExit("--wandb needs a project name, got an empty one")
     if args.model == "gpt2" and args.dataset is not None:
         path = Path(args.dataset)
         if not path.is_file():
             raise SystemExit(f"--dataset {path} not found; pass a text file with one prompt per line")
         if not any(line.strip() for line in path.read_text(errors="replace").splitlines()):
             raise SystemExit(f"--dataset {path} has no non-empty line; pass a text file with one prompt per line")
+
+
+def process_rank() -> int:
+    """This process's rank in a torchrun job (0 outside one)."""
+    return int(os.environ.get("RANK", 0)) if spd.world_size() > 1 else 0
+
+
+def launcher() -> str:
+    """How this run was started: 'torchrun --standalone --nproc_per_node N ' or 'python '."""
+    world = spd.world_size()
+    return f"torchrun --standalone --nproc_per_node {world} " if world > 1 else "python "
+
+
+def start_processes(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1): joins the process group (nccl on GPUs, gloo on CPU) and
+    picks this process's GPU. SystemExit for what data parallelism does not cover."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return
+    if args.method != "spd":
+        raise SystemExit(f"--method {args.method} runs in one process only; start it with python, not torchrun")
+    import torch.distributed as dist
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() > 0:  # process 0 alone prints (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
+
+
+@contextlib.contextmanager
+def first_process_first():
+    """Under torchrun, process 0 runs the block before the others do."""
+    import torch.distributed as dist
+    world = spd.world_size()
+    if world > 1 and dist.get_rank() > 0:
+        dist.barrier()
+    yield
+    if world > 1 and dist.get_rank() == 0:
+        dist.barrier()
 
 
 def pick_device(name: str) -> torch.device:
@@ -297,16 +347,30 @@ def check_target(target, tcfg: dict, device) -> None:
                   f"the preset's {models.TARGET_PRESETS['induction']['steps']} steps) or try another --target_seed.")
 
 
+PROCESS_SEED_STRIDE = 1_000_003  # torchrun: process r seeds its data and masks this far from process 0
 INDUCTION_MIN_ACC = 0.5  # below: the target has not learned induction (chance is 1/vocab)
 
 
-def train_state(opt: torch.optim.Optimizer, gen: torch.Generator) -> dict:
-    """What a checkpoint needs beyond the weights to continue exactly: Adam's moments, both RNGs, and
-    the CPU thread count (matmuls round differently with another one)."""
-    state = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state(),
-             "threads": torch.get_num_threads()}
+def rng_states(gen: torch.Generator) -> dict:
+    state = {"torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def train_state(opt: torch.optim.Optimizer, gen: torch.Generator) -> dict | None:
+    """What a checkpoint needs beyond the weights to continue exactly: Adam's moments, both RNGs, and
+    the CPU thread count (matmuls round differently with another one). Data parallel: called by every
+    process; process 0 gets every process's RNGs ("process_rngs") and the others None."""
+    rngs = rng_states(gen)
+    state = {"optimizer": opt.state_dict(), **rngs, "threads": torch.get_num_threads()}
+    if spd.world_size() > 1:
+        import torch.distributed as dist
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(rngs, gathered, dst=0)
+        if dist.get_rank() != 0:
+            return None
+        state["process_rngs"] = gathered
     return state
 
 
@@ -331,10 +395,16 @@ def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tupl
     if state["step"] != meta["step"]:
         raise SystemExit(f"--resume: {out} holds weights of step {meta['step']} but optimizer state of step "
                          f"{state['step']} (killed mid-save); start afresh with another --out")
-    torch.set_rng_state(state["torch_rng"])
-    gen.set_state(state["data_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    world, rank = spd.world_size(), process_rank()
+    saved_world = len(state.get("process_rngs", [None]))
+    if saved_world != world:
+        raise SystemExit(f"--resume: {out} was checkpointed by {saved_world} process(es) and this is {world}; "
+                         f"resume it with {'torchrun --nproc_per_node ' + str(saved_world) if saved_world > 1 else 'plain python (no torchrun)'}")
+    rngs = state["process_rngs"][rank] if world > 1 else state
+    torch.set_rng_state(rngs["torch_rng"])
+    gen.set_state(rngs["data_rng"])
+    if "cuda_rng" in rngs and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rngs["cuda_rng"])
     print(f"resuming {out} at step {state['step']}")
     if state.get("threads", torch.get_num_threads()) != torch.get_num_threads():
         print(f"note: the run was checkpointed with {state['threads']} CPU threads and continues with "
@@ -364,32 +434,41 @@ def same_settings(flag: str, out: Path, run_config: dict) -> dict:
     return saved
 
 
-def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path) -> dict:
-    """The training part of a run (fresh or --resume); returns its final losses and timing."""
+def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path, wb=None) -> dict:
+    """The training part of a run (fresh or --resume); returns its final losses and timing. wb: the
+    --wandb run, which gets the loss lines too (as loss/NAME)."""
     start, opt_state = resume(args, dec, run_config, out, gen) if args.resume else (0, None)
-    if args.resume:  # keep the loss lines up to the checkpoint: the lines after it are logged again
+    first = process_rank() == 0  # data parallel: process 0 alone writes the run folder and logs
+    if args.resume and first:  # keep the loss lines up to the checkpoint: the lines after it are logged again
         lines = (out / "losses.jsonl").read_text().splitlines() if (out / "losses.jsonl").exists() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] < start]
         (out / "losses.jsonl").write_text("".join(line + "\n" for line in kept))
-    log_file = open(out / "losses.jsonl", "a" if args.resume else "w")
+    log_file = open(out / "losses.jsonl", "a" if args.resume else "w") if first else None
 
     def log(step, losses):
         log_file.write(json.dumps({"step": step, **losses}) + "\n")
         log_file.flush()
+        if wb is not None:
+            wb.log({f"loss/{k}": v for k, v in losses.items()}, step=step)
         if args.no_progress or step % (args.log_every * 10) == 0 or step == cfg.steps - 1:
             print(f"step {step:>7d}  " + "  ".join(f"{k} {v:.3g}" for k, v in losses.items()), flush=True)
 
     t0 = time.time()
     try:
         method = METHODS[run_config["method"]][0]
-        final = method.optimize(dec, lambda b: sample(b, gen), cfg, log=log, log_every=args.log_every,
-                                checkpoint=lambda step, opt: method.save(dec, out, run_config, step, train_state(opt, gen)),
-                                save_every=args.save_every, progress=not args.no_progress,
-                                start_step=start, opt_state=opt_state)
+        def checkpoint(step, opt):
+            state = train_state(opt, gen)  # on every process (it gathers their RNGs)
+            if first:
+                method.save(dec, out, run_config, step, state)
+
+        final = method.optimize(dec, lambda b: sample(b, gen), cfg, log=log if first else None,
+                                log_every=args.log_every, checkpoint=checkpoint, save_every=args.save_every,
+                                progress=first and not args.no_progress, start_step=start, opt_state=opt_state)
     except FloatingPointError as e:
         raise SystemExit(f"{e}\n{last_checkpoint(out)}")
     except spd.Interrupted as e:
-        resume_cmd = run_config["command"] + ("" if "--resume" in run_config["command"].split() else " --resume")
+        resume_cmd = launcher() + run_config["command"].removeprefix("python ") + (
+            "" if "--resume" in run_config["command"].split() else " --resume")
         raise SystemExit(f"interrupted: checkpoint of step {e.step} saved in {out}; continue with:\n  {resume_cmd}")
     seconds = time.time() - t0
     return {"final_losses": final, "seconds": seconds, "ms_per_step": 1000 * seconds / max(cfg.steps - start, 1)}
@@ -461,6 +540,31 @@ def load_run(run_dir: str | os.PathLike, device: str = "cpu", target_dir: str | 
     return dec, target, tcfg, cfg, sample
 
 
+def start_wandb(project: str, run_config: dict, out: Path):
+    """A Weights & Biases run for --wandb (imported only then); WANDB_MODE=offline works without network."""
+    import wandb
+    return wandb.init(project=project, name=out.name, dir=str(out), config=run_config)
+
+
+def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested dict, keyed by slash paths ("eval_losses/faithfulness")."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def log_to_wandb(wb, metrics: dict, out: Path, step: int) -> None:
+    """The final metrics (as metrics/...) and the run folder's figures (as figures/NAME)."""
+    import wandb
+    wb.log({**{f"metrics/{k}": v for k, v in flat_numbers(metrics).items()},
+            **{f"figures/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}}, step=step)
+    wb.finish()
+
+
 def code_version() -> str:
     """The git commit of this code, recorded in each run's config; "+dirty" if one of the modules a
     run executes (spd, models, train, analysis) differs from that commit."""
@@ -497,6 +601,11 @@ def main(argv=None) -> dict:
     if args.resume and (out / "metrics.json").exists():
         raise SystemExit(f"--resume: {out} holds a finished run (metrics.json), there is nothing to continue; "
                          f"add --evaluate_only instead to re-evaluate it, or pass another --out")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % world:
+        raise SystemExit(f"--batch_size {cfg.batch_size} does not split evenly over {world} processes; use a multiple of {world}")
+    if world > 1 and args.evaluate_only:
+        raise SystemExit("--evaluate_only runs in one process; start it with python, not torchrun")
     if (out / "config.json").exists() and not (args.resume or args.evaluate_only):  # never overwrite a saved run
         if (out / "metrics.json").exists():
             raise SystemExit(f"{out} holds a finished run; add --evaluate_only to re-evaluate it, or pass another "
@@ -508,11 +617,14 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{out} holds an unfinished run, checkpointed at step {step}; add --resume to continue "
                          f"it, or pass another --out (or delete {out}) to start afresh")
 
+    start_processes(args)
+    device = pick_device(args.device)  # again: under torchrun, this process's GPU
     # --- target
     if args.model == "gpt2":
         target, tcfg, tokenizer, prompts = get_gpt2(args, device)
     else:
-        target, tcfg = get_target(args, device)
+        with first_process_first():  # one process trains and caches the target, the others load it
+            target, tcfg = get_target(args, device)
     check_target(target, tcfg, device)
 
     # --- decomposition (seeded, so a run is reproducible on one machine)
@@ -524,13 +636,24 @@ def main(argv=None) -> dict:
             dec = spd.Decomposition.from_config(target, cfg, max_seq_len=tcfg.get("seq_len")).to(device)
     except ValueError as e:
         raise SystemExit(str(e))
-    out.mkdir(parents=True, exist_ok=True)  # only now: a start that failed above leaves no empty folder
-    print(f"run folder: {out}   device: {device}")
+    rank = process_rank()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a start that failed above leaves no empty folder
+    print(f"run folder: {out}   device: {device}" + (f"   {world} processes (torchrun)" if world > 1 else ""))
     sample = (lambda b, g=None: prompts) if args.model == "gpt2" else models.batch_fn(tcfg, device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + PROCESS_SEED_STRIDE * rank)  # data: its own share
+    if rank > 0:
+        torch.manual_seed(cfg.seed + PROCESS_SEED_STRIDE * rank)  # masks: its own draws
     run_config = {"model": args.model, "method": args.method, args.method: dataclasses.asdict(cfg), "target": tcfg,
-                  "code": code_version(), "command": "python train.py " + shlex.join(argv)}
-    training = reload_finished(dec, out, run_config) if args.evaluate_only else decompose(args, cfg, dec, sample, gen, run_config, out)
+                  "code": code_version(), "command": "python train.py " + shlex.join(argv), "processes": world}
+    wb = start_wandb(args.wandb, run_config, out) if args.wandb and rank == 0 else None
+    training = reload_finished(dec, out, run_config) if args.evaluate_only else decompose(args, cfg, dec, sample, gen,
+                                                                                         run_config, out, wb)
+    if world > 1:  # process 0 evaluates alone
+        import torch.distributed as dist
+        dist.destroy_process_group()
+        if rank > 0:
+            return {}
 
     # --- evaluation, from a fixed RNG state (its stochastic losses draw masks): --evaluate_only repeats it exactly
     torch.manual_seed(12345)
@@ -542,6 +665,8 @@ def main(argv=None) -> dict:
                                                                               tokenizer if args.model == "gpt2" else None,
                                                                               progress=not args.no_progress)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if wb is not None:
+        log_to_wandb(wb, metrics, out, cfg.steps)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, indent=1))
     for warning in convergence_warnings(args.model, tcfg, cfg, metrics, args.method):
         print("WARNING: " + warning)

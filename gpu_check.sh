@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU checks, in one go (about 8 minutes on one GPU; each step has its own time limit so that one
+# hang cannot eat the rest):
+#   1. the cuda tests (test_cuda.py: one step against the CPU, short runs, save on CUDA / load on CPU,
+#      host-device syncs of the training step)
+#   2. benchmark.py --device cuda: every toy preset; induction at lengths 16, 64, 1024 with scalar,
+#      vector and attention CI (the transformer paper's Table 2: 12, 13, 10 it/s at 64); GPT-2 (3 steps)
+#   3. a 2-process nccl run (torchrun) if two GPUs are present
+#   4. resid_mlp3 at the paper's settings for 2000 steps, its time extrapolated to the paper's 200k
+#      (goal: under 30 minutes on one H100)
+# Writes results/gpu_*.json and results/gpu_tests.txt, and prints a summary.
+#
+#   bash gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")"
+python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || { echo "gpu_check.sh: torch sees no GPU"; exit 1; }
+GPU=$(python -c "import torch; print(torch.cuda.get_device_name())")
+N_GPU=$(python -c "import torch; print(torch.cuda.device_count())")
+OUT=runs/gpu_check
+rm -rf "$OUT" && mkdir -p "$OUT" results
+step() { echo "=== $(date -u +%H:%M:%S) $*"; }
+
+step "cuda tests on $GPU"
+timeout 180 python -m pytest -q -m cuda test_cuda.py -p no:cacheprovider 2>&1 | tail -n 40 | tee results/gpu_tests.txt
+
+step "benchmarks"
+timeout 90 python benchmark.py --device cuda --steps 20 --json results/gpu_benchmark_toy.json
+timeout 120 python benchmark.py --device cuda --presets induction --seq_lens 16 64 1024 --ci_fns scalar vector attention --batch 64 \
+    --steps 20 --json results/gpu_benchmark_induction.json
+timeout 90 python benchmark.py --device cuda --presets gpt2 --ci_fns scalar vector --seq_lens 16 --steps 3 \
+    --json results/gpu_benchmark_gpt2.json
+
+if (( N_GPU >= 2 )); then
+  step "2 processes, nccl"
+  timeout 90 torchrun --standalone --nproc_per_node 2 train.py --model tms_5-2 --steps 2000 --device cuda \
+      --out "$OUT/nccl_tms_5-2" --no_progress --log_every 500 | tail -n 5
+fi
+
+step "resid_mlp3, 2000 steps of the paper's 200k"
+timeout 150 python train.py --model resid_mlp3 --steps 2000 --device cuda --out "$OUT/resid_mlp3" --no_progress \
+    --log_every 500 | tail -n 3
+
+python - "$GPU" "$N_GPU" <<'EOF'
+import json, sys
+from pathlib import Path
+gpu, n_gpu = sys.argv[1], int(sys.argv[2])
+summary = {"gpu": gpu, "n_gpu": n_gpu, "command": "bash gpu_check.sh"}
+tests = Path("results/gpu_tests.txt").read_text().strip().splitlines()
+summary["tests"] = tests[-1] if tests else "did not run"
+for name in ("toy", "induction", "gpt2"):
+    path = Path(f"results/gpu_benchmark_{name}.json")
+    summary[f"benchmark_{name}"] = json.loads(path.read_text()) if path.exists() else "did not finish"
+for run in ("resid_mlp3", "nccl_tms_5-2"):
+    m = Path(f"runs/gpu_check/{run}/metrics.json")
+    if m.exists():
+        metrics = json.loads(m.read_text())
+        summary[run] = {"ms_per_step": metrics["ms_per_step"], "steps_timed": 2000,
+                        "minutes_for_200k_steps": metrics["ms_per_step"] * 200_000 / 60_000 if run == "resid_mlp3" else None}
+Path("results/gpu_summary.json").write_text(json.dumps(summary, indent=1))
+print(f"\nGPU: {gpu} (x{n_gpu})\ntests: {summary['tests']}")
+for name in ("toy", "induction", "gpt2"):
+    rows = summary[f"benchmark_{name}"]
+    for r in rows if isinstance(rows, list) else []:
+        print(f"  {r['preset']:12s} {r['ci_fn']:9s} seq {str(r.get('seq_len') or '-'):>5s} {r['ms_per_step']:9.2f} ms/step "
+              f"{r['it_per_s']:8.1f} it/s  peak {r['peak_gb']:.2f} GB")
+if "resid_mlp3" in summary:
+    print(f"resid_mlp3: {summary['resid_mlp3']['ms_per_step']:.2f} ms/step -> "
+          f"{summary['resid_mlp3']['minutes_for_200k_steps']:.1f} min for 200k steps (goal < 30 on an H100)")
+print("wrote results/gpu_summary.json")
+EOF

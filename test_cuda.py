@@ -1,0 +1,85 @@
+"""The GPU path (marked cuda; skipped where torch sees no GPU, so in CI): one step on CUDA against the
+CPU, short runs of the presets, a run saved on CUDA and loaded on the CPU, and the host-device
+synchronisations of the training step. `bash gpu_check.sh` runs these first."""
+
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+import models
+import spd
+import train
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (torch.cuda.is_available())")]
+
+# the reconstruction terms without random masks (CI-masked), so that both devices see the same step
+DETERMINISTIC = dict(stochastic_recon=0.0, stochastic_recon_layerwise=0.0, recon=1.0, recon_layerwise=1.0,
+                     stochastic_recon_partial=0.0)
+
+
+def _setup(preset: str, batch: int):
+    target, tcfg = models.build_target(preset)
+    cfg = spd.SPDConfig(**{**train.PRESETS[preset], **DETERMINISTIC, "batch_size": batch})
+    torch.manual_seed(0)
+    dec = spd.Decomposition.from_config(target, cfg, max_seq_len=tcfg.get("seq_len"))
+    x = models.batch_fn(tcfg)(batch, torch.Generator().manual_seed(0))
+    return dec, cfg, x
+
+
+@pytest.mark.parametrize("preset", ["tms_5-2", "resid_mlp1", "induction"])
+def test_one_step_on_cuda_equals_the_cpu(preset):
+    """Losses and every gradient within float32 tolerance (TF32 off: torch's default for matmuls)."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    dec, cfg, x = _setup(preset, 64)
+    results = []
+    for d, device in ((dec, "cpu"), (copy.deepcopy(dec).cuda(), "cuda")):
+        losses = spd.spd_losses(d, x.to(device), cfg, cfg.p)
+        losses["total"].backward()
+        results.append(({k: v.item() for k, v in losses.items()},
+                        [p.grad.cpu() for p in d.parameters_to_train() if p.grad is not None]))
+    (l_cpu, g_cpu), (l_cuda, g_cuda) = results
+    assert l_cpu.keys() == l_cuda.keys()
+    for k in l_cpu:
+        assert l_cuda[k] == pytest.approx(l_cpu[k], rel=1e-4, abs=1e-9), k
+    assert len(g_cpu) == len(g_cuda) > 0
+    for a, b in zip(g_cpu, g_cuda):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tms_5-2", "resid_mlp1", "induction"])
+def test_a_short_run_on_cuda_saves_a_run_the_cpu_loads(preset, tmp_path):
+    out = tmp_path / preset
+    metrics = train.main(["--model", preset, "--device", "cuda", "--steps", "50", "--batch_size", "64",
+                          "--target_steps", "200", "--target_dir", str(tmp_path / "targets"), "--out", str(out),
+                          "--no_progress"])
+    assert metrics["device"].startswith("cuda")
+    dec, *_ = train.load_run(out, "cpu", str(tmp_path / "targets"))
+    saved = spd.read_tensors(out / "decomposition.pt")
+    for k, v in dec.state_dict().items():
+        if not k.startswith("target."):
+            assert torch.equal(v, saved[k]) and v.device.type == "cpu"
+
+
+def test_the_training_step_does_not_synchronise_with_the_host():
+    """Between checks (every log_every steps on a GPU) a step makes no host-device sync: with
+    torch.cuda.set_sync_debug_mode("warn") the only warnings come from reading the final losses."""
+    dec, cfg, _ = _setup("resid_mlp1", 256)
+    dec = dec.cuda()
+    cfg = dataclasses.replace(cfg, steps=12)
+    sample = models.batch_fn(models.build_target("resid_mlp1")[1], "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            final = spd.optimize(dec, lambda b: sample(b, gen), cfg, log_every=1000, progress=False, start_step=1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= len(final), syncs  # the .item() of each final loss
+

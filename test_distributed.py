@@ -1,0 +1,172 @@
+"""Data parallelism (torchrun, torch.distributed with gloo on CPU, 2 processes): the same optimisation
+as one process with the whole batch, replicas that stay identical, the CLI under torchrun, resume of
+a 2-process run, and the errors."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import models
+import spd
+import train
+
+ROOT = Path(__file__).parent
+B, STEPS = 64, 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cfg(**kw) -> spd.SPDConfig:
+    return spd.SPDConfig(targets=["linear1", "linear2"], C=8, steps=STEPS, batch_size=B, lr=1e-2, **kw)
+
+
+def _decomposition(cfg):
+    torch.manual_seed(0)
+    target = models.TMS(5, 2)
+    torch.manual_seed(1)
+    return spd.Decomposition.from_config(target, cfg)
+
+
+def _global_batch(step: int) -> torch.Tensor:  # the same stream of whole batches in every test run
+    return models.sparse_features(B, 5, 0.2, (0.0, 1.0), torch.Generator().manual_seed(step))
+
+
+def _run(rank: int, world: int, cfg, shard: bool) -> dict:
+    """optimize on this process's share (rows rank::world of each whole batch, shard) or on all of it."""
+    torch.set_num_threads(1)
+    dec = _decomposition(cfg)
+    step = [0]
+
+    def batch_fn(b):
+        x = _global_batch(step[0])
+        step[0] += 1
+        assert b == (B // world if shard else B)
+        return x[rank * b:(rank + 1) * b] if shard else x
+
+    logged = []
+    torch.manual_seed(100 + rank)  # masks: each process its own draws
+    final = spd.optimize(dec, batch_fn, cfg, log=lambda s, l: logged.append(l), log_every=10, progress=False)
+    return {"UV": {n: [t.detach().clone() for t in dec.UV(n)] for n in dec.names}, "final": final, "logged": logged}
+
+
+def _worker(rank: int, world: int, port: int, out: str, cfg_kw: dict) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(_run(rank, world, _cfg(**cfg_kw), shard=True), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp_path, cfg_kw) -> list[dict]:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), cfg_kw), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+DETERMINISTIC = dict(stochastic_recon=0.0, stochastic_recon_layerwise=0.0, recon=1.0, recon_layerwise=1.0)
+
+
+def test_two_processes_give_the_one_process_optimisation_on_the_whole_batch(tmp_path):
+    """Without random masks (CI-masked recon losses instead of the stochastic ones), 2 processes on
+    half a batch each and 1 process on the whole batch take the same 30 steps. Tolerance 1e-5: the
+    batch means are summed in another order (two halves, then averaged), a float32 rounding of about
+    1e-7 per step that Adam carries along; U and V move by about 0.1 over the run."""
+    ranks = _spawn(tmp_path, DETERMINISTIC)
+    single = _run(0, 1, _cfg(**DETERMINISTIC), shard=False)
+    before = _decomposition(_cfg(**DETERMINISTIC))
+    for name in single["UV"]:
+        for a, b, init in zip(ranks[0]["UV"][name], single["UV"][name], before.UV(name)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            assert (b - init).abs().max() > 0.05  # it trained
+    for two, one in zip(ranks[0]["logged"], single["logged"]):  # logged losses: the whole batch's
+        assert two.keys() == one.keys()
+        for k in one:
+            assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-9)
+    assert ranks[1]["logged"] == ranks[0]["logged"]
+
+
+def test_with_random_masks_the_replicas_stay_identical(tmp_path):
+    """The paper's stochastic losses: each process draws its own masks, yet after the averaged
+    gradients every process holds exactly the same U, V."""
+    ranks = _spawn(tmp_path, {})
+    for name in ranks[0]["UV"]:
+        for a, b in zip(ranks[0]["UV"][name], ranks[1]["UV"][name]):
+            assert torch.equal(a, b)
+    assert ranks[0]["final"] == ranks[1]["final"]
+
+
+def test_optimize_refuses_a_batch_that_does_not_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(spd, "world_size", lambda: 3)
+    with pytest.raises(ValueError, match="--batch_size 64 does not split evenly over 3 processes"):
+        spd.optimize(_decomposition(_cfg()), lambda b: _global_batch(0), _cfg(), progress=False)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _argv(tmp_path, out, *extra):
+    return ["--model", "tms_5-2", "--steps", "20", "--batch_size", "64", "--target_steps", "200", "--save_every", "10",
+            "--log_every", "5", "--target_dir", str(tmp_path / "targets"), "--out", str(tmp_path / out), "--no_progress", *extra]
+
+
+def _cli_worker(rank: int, world: int, port: int, argv: list, fail_at: int | None) -> None:
+    """A process as torchrun starts it (its environment), running train.main; fail_at: die at that step."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if fail_at is not None:
+        lr_at = spd.lr_at
+
+        def dying(step, cfg):
+            if step == fail_at:
+                raise RuntimeError("killed")
+            return lr_at(step, cfg)
+        spd.lr_at = dying
+    try:
+        train.main(argv)
+    except RuntimeError as e:
+        if str(e) != "killed":
+            raise
+
+
+def test_cli_under_torchrun_writes_one_run_folder_and_a_killed_run_resumes_exactly(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", *_argv(tmp_path, "whole")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("run folder:") == 1 and "2 processes (torchrun)" in done.stdout  # process 0 alone prints
+    whole = tmp_path / "whole"
+    assert (whole / "metrics.json").exists()
+    state = torch.load(whole / "train_state.pt", weights_only=True)
+    assert len(state["process_rngs"]) == 2 and not torch.equal(*(r["data_rng"] for r in state["process_rngs"]))
+    assert spd.read_config(whole)["config"]["processes"] == 2
+
+    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "killed"), 13), nprocs=2, join=True)
+    killed = tmp_path / "killed"
+    assert spd.read_config(killed)["step"] == 10 and not (killed / "metrics.json").exists()
+    with pytest.raises(SystemExit, match="checkpointed by 2 process"):  # one process cannot continue it
+        train.main(_argv(tmp_path, "killed", "--resume"))
+    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "killed", "--resume"), None), nprocs=2, join=True)
+    a, b = (spd.read_tensors(d / "decomposition.pt") for d in (whole, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_refuses_what_data_parallelism_does_not_cover(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--batch_size 63 does not split evenly over 2 processes"):
+        train.main(_argv(tmp_path, "x", "--batch_size", "63"))
+    with pytest.raises(SystemExit, match="runs in one process only"):
+        train.main(_argv(tmp_path, "y", "--method", "apd"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

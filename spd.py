@@ -524,10 +524,15 @@ def faithfulness_loss(target_weights: dict[str, torch.Tensor], component_weights
     return sq / sum(w.numel() for w in target_weights.values())
 
 
-def importance_minimality_loss(ci_upper: dict[str, torch.Tensor], p: float, eps: float = 1e-12) -> torch.Tensor:
+def importance_minimality_loss(ci_upper: dict[str, torch.Tensor], p: float, eps: float = 1e-12,
+                               valid: torch.Tensor | None = None) -> torch.Tensor:
     """SPD eq. 7: L_importance-minimality = Σ_l Σ_c |g^l_c(x)|^p, averaged over every leading batch and
-    position dimension. eps (from the authors' later code) keeps the gradient finite for p < 1."""
-    return sum(((g + eps) ** p).sum(-1).mean() for g in ci_upper.values())
+    position dimension (over the `valid` positions [B, S] only, if given). eps (from the authors' later
+    code) keeps the gradient finite for p < 1."""
+    per_input = [((g + eps) ** p).sum(-1) for g in ci_upper.values()]  # each [B] or [B, S]
+    if valid is None:
+        return sum(l.mean() for l in per_input)
+    return sum((l * valid).sum() for l in per_input) / valid.sum()  # a weighted mean: no data-dependent shape
 
 
 def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -541,7 +546,7 @@ def kl(logits: torch.Tensor, target_logits: torch.Tensor, valid: torch.Tensor | 
     Note: the paper writes D(f', f); the target distribution comes first."""
     log_p, log_q = target_logits.log_softmax(-1), logits.log_softmax(-1)
     per_position = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B] or [B, S]
-    return per_position.mean() if valid is None else per_position[valid].mean()
+    return per_position.mean() if valid is None else (per_position * valid).sum() / valid.sum()  # no sync: no [valid]
 
 
 def make_divergence(output_loss: str, last_token_only: bool = False, valid: torch.Tensor | None = None) -> Callable:
@@ -631,11 +636,9 @@ def spd_losses(dec: Decomposition, x, cfg: SPDConfig, p: float, valid: torch.Ten
     target_out, acts = dec.target_forward(x) if target is None else target  # step 2: f(x | W), a^l
     D = make_divergence(cfg.output_loss, cfg.last_token_only, valid)
     ci_lower, ci_upper = dec.causal_importance(acts)  # layer loop: h = V a, Γ(h); step 7: g = σ_H,lower
-    if valid is not None:
-        ci_upper = {n: g[valid] for n, g in ci_upper.items()}  # [N_valid, C]
     S = cfg.n_mask_samples
     losses = {"faithfulness": faithfulness_loss(dec.target_weights(), dec.component_weights()),  # step 3
-              "importance_minimality": importance_minimality_loss(ci_upper, p)}  # step 4
+              "importance_minimality": importance_minimality_loss(ci_upper, p, valid=valid)}  # step 4
     if cfg.stochastic_recon:  # steps 5, 8: every matrix masked by m = g + (1 - g) r
         losses["stochastic_recon"] = stochastic_recon_loss(dec, x, target_out, ci_lower, D, S)
     if cfg.stochastic_recon_layerwise:  # steps 6, 9: one matrix at a time

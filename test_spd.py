@@ -479,6 +479,9 @@ def test_importance_minimality_by_hand():
     assert spd.importance_minimality_loss(ci, p=2).item() == pytest.approx(0.65625 + 0.375, abs=1e-6)
     assert spd.importance_minimality_loss({"a": ci["a"]}, p=0.5).item() == pytest.approx(
         ((0.5**0.5 + 1) + 0.5) / 2, abs=1e-5)
+    # padding positions [B, S] left out: b's valid positions hold g = 1, 0.5, 0.5 -> mean of g^2 = 0.5
+    valid = torch.tensor([[True, False], [True, True]])
+    assert spd.importance_minimality_loss({"b": ci["b"]}, p=2, valid=valid).item() == pytest.approx(0.5, abs=1e-6)
 
 
 def test_importance_minimality_gradient_is_finite_for_p_below_one():

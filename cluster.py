@@ -413,13 +413,16 @@ def cluster_decomposition(dec: spd.Decomposition, tcfg: dict, cfg, x, valid=None
     result["jaccard"] = {"threshold": jaccard_threshold, "n_groups": len(jac), "groups": named(jac, names),
                          "ari_vs_mdl": adjusted_rand_index(labels_of(jac, live), labels_of(groups, live))}
     if truth is not None:
+        large = large_columns(dec, live)  # the subcomponents the paper's mechanisms are made of
+        truth_large = [label[k] for k in large]
         result["known"] = {"n_groups": len(set(truth)), "ari": adjusted_rand_index(truth, labels_of(groups, live)),
+                           "n_large": len(large), "ari_large": adjusted_rand_index(truth_large, labels_of(groups, large)),
                            "alpha_lower_bound": alpha_lower_bound(A, _groups_of(truth, live)),
                            "jaccard_ari": adjusted_rand_index(truth, labels_of(jac, live)),
                            "jaccard_sweep": [{"threshold": t, "ari": adjusted_rand_index(truth, labels_of(jaccard_merge(A, t), live))}
                                              for t in JACCARD_SWEEP],
                            "partition": sorted(named(_groups_of(truth, live), names)),
-                           "sweep": [{"alpha": a, **_agreement(A, a, truth, live)} for a in sweep]}
+                           "sweep": [{"alpha": a, **_agreement(A, a, truth, live, truth_large, large)} for a in sweep]}
         own = [g["top_outputs"][0][0] == int(g["known"][0].split()[1]) for g in entries
                if "top_outputs" in g and len(g["known"]) == 1 and g["known"][0].startswith("feature ")]
         result["known"]["single_feature_groups"] = len(own)
@@ -434,9 +437,22 @@ def _groups_of(labels: list[str], live: list[int]) -> list[list[int]]:
     return list(by.values())
 
 
-def _agreement(A: np.ndarray, alpha: float, truth: list[str], live: list[int]) -> dict:
+def _agreement(A: np.ndarray, alpha: float, truth: list[str], live: list[int], truth_large: list[str],
+               large: list[int]) -> dict:
     groups = merge(A, alpha)
-    return {"ari": adjusted_rand_index(truth, labels_of(groups, live)), "n_groups": len(groups)}
+    return {"ari": adjusted_rand_index(truth, labels_of(groups, live)),
+            "ari_large": adjusted_rand_index(truth_large, labels_of(groups, large)), "n_groups": len(groups)}
+
+
+LARGE_NORM = 0.1  # |u_c| |v_c| of a "large" subcomponent (analysis.evaluate_tms's norm_threshold)
+
+
+def large_columns(dec: spd.Decomposition, columns: list[int]) -> list[int]:
+    """The columns whose rank-one matrix u_c v_c^T has Frobenius norm >= LARGE_NORM: the subcomponents
+    the paper's mechanisms are made of (TMS 40-10+ID: exactly 40 of W and 10 of the identity; the
+    others, of norm 0.002, fire now and then without mattering)."""
+    norms = torch.cat([(lambda U, V: U.norm(dim=0) * V.norm(dim=1))(*dec.UV(n)) for n in dec.names]).detach()
+    return [k for k in columns if norms[k] >= LARGE_NORM]
 
 
 def plot_clusters(A: np.ndarray, groups: list[list[int]], history: list[dict], path: Path, title: str,
@@ -556,20 +572,21 @@ def summary(result: dict) -> str:
                  f"ARI with the MDL groups {result['jaccard']['ari_vs_mdl']:.3f}")
     if "known" in result:
         k = result["known"]
-        lines.append(f"known partition ({k['n_groups']} mechanisms): ARI {k['ari']:.3f} (Jaccard: {k['jaccard_ari']:.3f}); "
+        lines.append(f"known partition ({k['n_groups']} mechanisms): ARI {k['ari']:.3f}, on the {k['n_large']} large "
+                     f"subcomponents {k['ari_large']:.3f} (Jaccard: {k['jaccard_ari']:.3f}); "
                      f"no alpha below {k['alpha_lower_bound']:.3g} can return it")
         if k["ablation_hits_own_output"] is not None:
             lines.append(f"  ablating a group of one feature changes that feature's output most in "
                          f"{k['ablation_hits_own_output']:.0%} of the {k['single_feature_groups']} such groups")
         for s in k["sweep"]:
-            lines.append(f"  alpha {s['alpha']:g}: ARI {s['ari']:.3f}, {s['n_groups']} groups")
+            lines.append(f"  alpha {s['alpha']:g}: ARI {s['ari']:.3f} (large only {s['ari_large']:.3f}), {s['n_groups']} groups")
     return "\n".join(lines)
 
 
 # --- the results table (results/clustering*.md) ----------------------------------------------------
 
 SYNTHETIC = dict(n=4000, sizes=[3, 3, 4, 2, 5], p_active=0.1, p_drop=0.05, seed=0)  # test_cluster.py's
-SWEEP = [0.1, 0.3, 0.5, 0.7, 1, 1.5, 2, 3, 5, 10, 20, 30, 50]
+SWEEP = [0.1, 0.3, 0.5, 0.7, 1, 1.25, 1.5, 1.75, 2, 2.25, 2.5, 3, 4, 5, 10, 20, 50]  # experiments.sh's
 
 
 def interval(sweep: list[dict]) -> str:
@@ -602,34 +619,38 @@ def report(run_dirs: list[str], out: Path) -> None:
              "| ARI | " + " | ".join(f"{r['ari']:.2f}" for r in rows) + " |",
              "| groups | " + " | ".join(str(r["n_groups"]) for r in rows) + " |", "",
              "## Runs", "",
-             "| run | live subcomponents | known mechanisms | α* | ARI at the swept alphas | exact at α | groups at the run's α (ARI) | Jaccard cross-check: ARI at its thresholds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| run | live (large) subcomponents | known mechanisms | α* | ARI at the swept alphas | exact at α | large only: exact at α | groups at the run's α (ARI, large only) | Jaccard cross-check: ARI at its thresholds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     commands = []
     for run in run_dirs:
         r = json.loads((Path(run) / "clusters.json").read_text())
         k = r.get("known")
-        cells = [run, f"{r['n_live']} of {r['n_subcomponents']}"]
+        cells = [run, f"{r['n_live']} of {r['n_subcomponents']}" + (f" ({k['n_large']})" if k else "")]
         if k:
             cells += [str(k["n_groups"]), f"{k['alpha_lower_bound']:.2f}",
                       ", ".join(f"{s['alpha']:g}: {s['ari']:.2f}" for s in k["sweep"]), interval(k["sweep"]),
-                      f"{r['n_groups']} at {r['alpha']:g} ({k['ari']:.2f})",
+                      interval([{"alpha": s["alpha"], "ari": s["ari_large"]} for s in k["sweep"]]),
+                      f"{r['n_groups']} at {r['alpha']:g} ({k['ari']:.2f}, {k['ari_large']:.2f})",
                       ", ".join(f"{j['threshold']:g}: {j['ari']:.2f}" for j in k["jaccard_sweep"])]
         else:  # no known partition (induction): the groups only
-            cells += ["-", "-", "-", "-", f"{r['n_groups']} at {r['alpha']:g}", f"{r['jaccard']['n_groups']} groups at 0.5"]
+            cells += ["-", "-", "-", "-", "-", f"{r['n_groups']} at {r['alpha']:g}", f"{r['jaccard']['n_groups']} groups at 0.5"]
         lines.append("| " + " | ".join(cells) + " |")
         commands += [spd.read_config(run)["config"].get("command", "?"), r["command"]]
     for run in run_dirs:  # sequence models: what each group holds and where it fires
         r = json.loads((Path(run) / "clusters.json").read_text())
         if r["groups"] and "positions" in r["groups"][0]:
             lines += ["", f"## {run}: the groups (no known partition; compare the transformer paper's Table 1)", "",
-                      f"{r['n_live']} live subcomponents in {r['n_groups']} groups at alpha {r['alpha']:g}. The largest "
-                      "groups (by rank): their subcomponents per matrix, and the fraction of each position class at "
-                      "which the group is active.", "",
+                      f"{r['n_live']} live subcomponents in {r['n_groups']} groups at alpha {r['alpha']:g}. The groups "
+                      "active at 10% or more of some position class, largest first: their subcomponents per matrix, "
+                      "the fraction of each position class at which the group is active, and the last-position KL "
+                      "when the whole group is ablated.", "",
                       "| rank | subcomponents per matrix | s1 | m | s2 | random | bos | ablation KL |", "|---|---|---|---|---|---|---|---|"]
-            for g in sorted(r["groups"], key=lambda g: -g["rank"])[:15]:
+            import analysis
+            for g in sorted((g for g in r["groups"] if max(g["positions"].values()) >= 0.1), key=lambda g: -g["rank"]):
                 per = {}
                 for m in g["members"]:
-                    per[m.rsplit(":", 1)[0]] = per.get(m.rsplit(":", 1)[0], 0) + 1
+                    label = analysis.paper_label(m.rsplit(":", 1)[0])
+                    per[label] = per.get(label, 0) + 1
                 pos = g["positions"]
                 lines.append(f"| {g['rank']} | {', '.join(f'{k} {v}' for k, v in per.items())} | " +
                              " | ".join(f"{pos[c]:.2f}" for c in ("s1", "m", "s2", "random", "bos")) +

@@ -113,7 +113,7 @@ if [[ "$PART" == all || "$PART" == clustering ]]; then
 done_runs=()
 for name in tms_5-2-id_s0 tms_5-2-id_s1 tms_5-2-id_s2 tms_5-2-id_s3 tms_40-10-id_s0 resid_mlp1 resid_mlp2 induction; do
   [[ -f "$ROOT/$name/metrics.json" ]] || { echo "clustering: skip $ROOT/$name (not run)"; continue; }
-  [[ "$name" == induction ]] && sweep=() || sweep=(--sweep 0.1 0.3 0.5 0.7 1 1.5 2 3 5 10 20 30 50)
+  [[ "$name" == induction ]] && sweep=() || sweep=(--sweep 0.1 0.3 0.5 0.7 1 1.25 1.5 1.75 2 2.25 2.5 3 4 5 10 20 50)
   python cluster.py "$ROOT/$name" "${sweep[@]}"
   done_runs+=("$ROOT/$name")
 done

@@ -65,6 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str, cfg_kw: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.save(_run(rank, world, _cfg(**cfg_kw), shard=True), f"{out}/rank{rank}.pt")
+        dist.barrier()  # nothing in flight at teardown
     finally:
         dist.destroy_process_group()
 

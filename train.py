@@ -651,6 +651,7 @@ def main(argv=None) -> dict:
                                                                                          run_config, out, wb)
     if world > 1:  # process 0 evaluates alone
         import torch.distributed as dist
+        dist.barrier()  # every process's last messages (the final checkpoint's gather) delivered before teardown
         dist.destroy_process_group()
         if rank > 0:
             return {}

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -610,7 +611,9 @@ def report(run_dirs: list[str], out: Path) -> None:
              "Made by `python cluster.py report ...` from each run's clusters.json. ARI: adjusted Rand index",
              "with the known partition (1 = exactly the paper's mechanisms). α*: the smallest alpha at which",
              "the known partition is a stopping point of the greedy merge (`alpha_lower_bound`, derived from the",
-             "cost); below it the merge cannot return it.", "",
+             "cost); below it the merge cannot return it. \"large\": subcomponents with |u||v| >= 0.1 (the ones",
+             "the paper's mechanisms are made of; the others fire now and then without mattering).",
+             f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}.", "",
              f"## Synthetic: planted blocks {SYNTHETIC['sizes']}, each active with p {SYNTHETIC['p_active']}, members "
              f"dropping out with p {SYNTHETIC['p_drop']}, {SYNTHETIC['n']} inputs", "",
              f"α* = {bound:.3f}; exact recovery at α in {interval(rows)} of the swept values.", "",
@@ -630,7 +633,7 @@ def report(run_dirs: list[str], out: Path) -> None:
             cells += [str(k["n_groups"]), f"{k['alpha_lower_bound']:.2f}",
                       ", ".join(f"{s['alpha']:g}: {s['ari']:.2f}" for s in k["sweep"]), interval(k["sweep"]),
                       interval([{"alpha": s["alpha"], "ari": s["ari_large"]} for s in k["sweep"]]),
-                      f"{r['n_groups']} at {r['alpha']:g} ({k['ari']:.2f}, {k['ari_large']:.2f})",
+                      f"{r['n_groups']} at {r['alpha']:g} ({k['ari']:.3f}, {k['ari_large']:.3f})",
                       ", ".join(f"{j['threshold']:g}: {j['ari']:.2f}" for j in k["jaccard_sweep"])]
         else:  # no known partition (induction): the groups only
             cells += ["-", "-", "-", "-", "-", f"{r['n_groups']} at {r['alpha']:g}", f"{r['jaccard']['n_groups']} groups at 0.5"]

@@ -233,3 +233,13 @@ def test_cli_refuses_what_is_not_a_finished_spd_run(tms_run, tmp_path):
     (tms_run / "metrics.json").unlink()
     with pytest.raises(SystemExit, match="not a finished run"):
         cluster.main([str(tms_run), "--target_dir", str(FIXTURE / "targets")])
+
+
+def test_report_tabulates_a_clustered_run(tms_run, tmp_path):
+    cluster.main([str(tms_run), "--target_dir", str(FIXTURE / "targets"), "--n", "2000", "--sweep", "0.5", "2"])
+    out = tmp_path / "clustering.md"
+    cluster.report([str(tms_run)], out)
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| {tms_run} |"))
+    assert "| 12 of 60 (12) | 6 |" in row and "0.5: 0.00, 2: 1.00 | 2 | 2 |" in row
+    assert "python train.py --model tms_5-2-id --seed 0" in text and "python cluster.py" in text

@@ -117,6 +117,6 @@ for name in tms_5-2-id_s0 tms_5-2-id_s1 tms_5-2-id_s2 tms_5-2-id_s3 tms_40-10-id
   python cluster.py "$ROOT/$name" "${sweep[@]}"
   done_runs+=("$ROOT/$name")
 done
-(( ${#done_runs[@]} )) && python cluster.py report "${done_runs[@]}" --out "results/clustering$SUFFIX.md"
+if (( ${#done_runs[@]} )); then python cluster.py report "${done_runs[@]}" --out "results/clustering$SUFFIX.md"; fi
 fi
 echo "tables written to results/"

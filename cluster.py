@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import analysis
 import models
 import spd
 
@@ -239,7 +240,7 @@ def known_partition(dec: spd.Decomposition, tcfg: dict, live: list[int]) -> list
     if tcfg["family"] not in ("tms", "resid_mlp"):
         return None
     n = tcfg["n_features"]
-    ci, _ = dec.causal_importance(dec.target_forward(torch.eye(n, device=spd_device(dec)) * 0.75)[1])
+    ci, _ = dec.causal_importance(dec.target_forward(torch.eye(n, device=analysis._device(dec)) * 0.75)[1])
     g = torch.cat([ci[name] for name in dec.names], dim=-1)  # [n_features, K]
     feature = g.argmax(0).tolist()
     names = column_names(dec)
@@ -251,10 +252,6 @@ def known_partition(dec: spd.Decomposition, tcfg: dict, live: list[int]) -> list
         else:
             labels.append(f"feature {feature[k]}")
     return labels
-
-
-def spd_device(dec: spd.Decomposition) -> torch.device:
-    return next(iter(dec.target_weights().values())).device
 
 
 # ================================================================================================
@@ -401,7 +398,6 @@ def cluster_decomposition(dec: spd.Decomposition, tcfg: dict, cfg, x, valid=None
             entry["top_outputs"] = [[int(i), float(change[i])] for i in top]
             entry["top_output_share"] = float(change[top[0]] / change.sum()) if change.sum() > 0 else 0.0
         if s1_pos is not None:
-            import analysis
             active = A[:, members].any(1).reshape(x.shape[0], x.shape[1])  # [B, S]
             entry["positions"] = {k: float(active[c.cpu().numpy()].mean())
                                   for k, c in analysis.position_classes(s1_pos, x.shape[1]).items()}
@@ -452,7 +448,7 @@ def large_columns(dec: spd.Decomposition, columns: list[int]) -> list[int]:
     """The columns whose rank-one matrix u_c v_c^T has Frobenius norm >= LARGE_NORM: the subcomponents
     the paper's mechanisms are made of (TMS 40-10+ID: exactly 40 of W and 10 of the identity; the
     others, of norm 0.002, fire now and then without mattering)."""
-    norms = torch.cat([(lambda U, V: U.norm(dim=0) * V.norm(dim=1))(*dec.UV(n)) for n in dec.names]).detach()
+    norms = torch.cat([analysis.subcomponent_norms(dec, n) for n in dec.names]).detach()
     return [k for k in columns if norms[k] >= LARGE_NORM]
 
 
@@ -461,7 +457,6 @@ def plot_clusters(A: np.ndarray, groups: list[list[int]], history: list[dict], p
     """Jaccard co-activation of the live subcomponents ordered by cluster (boxes around clusters),
     the cost against the merge step, and ARI against alpha when a sweep was made (with the known
     partition's alpha_lower_bound dashed)."""
-    import analysis
     plt = analysis._plt()
     order = [k for grp in groups for k in grp]
     J = jaccard(A[:, order])
@@ -535,10 +530,10 @@ def main(argv=None) -> dict:
     check_args(args)
     dec, target, tcfg, cfg, sample = train.load_run(args.run_dir, args.device, args.target_dir)
     sequence = tcfg["family"] in ("induction", "gpt2")
-    n, gen = args.n or (256 if sequence else 10_000), torch.Generator(device=spd_device(dec)).manual_seed(args.seed)
+    n, gen = args.n or (256 if sequence else 10_000), torch.Generator(device=analysis._device(dec)).manual_seed(args.seed)
     s1_pos = None
     if tcfg["family"] == "induction":  # the task's positions too, for the Table 1 classes
-        x, _, s1_pos = models.induction_batch(n, tcfg["seq_len"], tcfg["vocab"], gen, spd_device(dec))
+        x, _, s1_pos = models.induction_batch(n, tcfg["seq_len"], tcfg["vocab"], gen, analysis._device(dec))
         valid = None
     else:
         x, valid = spd.split_batch(sample(n, gen))
@@ -648,7 +643,6 @@ def report(run_dirs: list[str], out: Path) -> None:
                       "the fraction of each position class at which the group is active, and the last-position KL "
                       "when the whole group is ablated.", "",
                       "| rank | subcomponents per matrix | s1 | m | s2 | random | bos | ablation KL |", "|---|---|---|---|---|---|---|---|"]
-            import analysis
             for g in sorted((g for g in r["groups"] if max(g["positions"].values()) >= 0.1), key=lambda g: -g["rank"]):
                 per = {}
                 for m in g["members"]:

@@ -60,8 +60,9 @@ class APDConfig:
     targets: list[str] = field(default_factory=lambda: ["*"])  # dotted module paths, globs allowed
     C: int = 5  # parameter components (each spans every decomposed matrix)
     m: int | None = None  # rank of each matrix of a component; None: min(d_in, d_out), so full rank is possible
-    init: str = "xavier_normal"  # xavier_normal (the authors' TMS) | kaiming_uniform (their residual MLPs)
+    init: str = "xavier_normal"  # xavier_normal (every one of the authors' APD runs) | kaiming_uniform
     init_scale: float = 1.0
+    init_instances: int = 1  # n of the authors' [n, C, d_in, m] tensors, whose fans the init uses (B, init_components_)
     # --- loss coefficients (APD eq. 23: faithfulness + β minimality + α simplicity)
     faithfulness: float = 1.0
     minimality: float = 1.0  # β: output of the top-k forward against the target's
@@ -84,7 +85,7 @@ class APDConfig:
         def bad(name, what):
             raise ValueError(f"--{name} must be {what}, got {getattr(self, name)!r}")
 
-        for name in ("C", "steps", "batch_size"):
+        for name in ("C", "steps", "batch_size", "init_instances"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 bad(name, "a positive integer")
@@ -119,7 +120,7 @@ class APDConfig:
                 bad(name, f"one of {sorted(allowed)}")
 
 
-ARCHITECTURE = ("targets", "C", "m", "init", "init_scale")
+ARCHITECTURE = ("targets", "C", "m", "init", "init_scale", "init_instances")
 
 # ================================================================================================
 # B. Parameter components (APD eqs. 20, 24)
@@ -128,21 +129,23 @@ ARCHITECTURE = ("targets", "C", "m", "init", "init_scale")
 INITS = ("xavier_normal", "kaiming_uniform")
 
 
-def init_components_(U: torch.Tensor, V: torch.Tensor, how: str, scale: float) -> None:
-    """The authors' code's initialisation (the paper states none), with the fans torch computes for
-    their tensors A = V^T [C, d_in, m] and B = U^T [C, m, d_out] (fan_in = size(1) · size(2)):
-      xavier_normal (TMS):        V ~ N(0, 2 s² / (d_in m + C m)),  U ~ N(0, 2 s² / (m d_out + C d_out));
-      kaiming_uniform (resid MLP): V ~ s · U(±√(6 / (d_in m))),     U ~ s · U(±√(6 / (m d_out))).
-    U [C, d_out, m], V [C, m, d_in]; s = scale."""
+def init_components_(U: torch.Tensor, V: torch.Tensor, how: str, scale: float, instances: int = 1) -> None:
+    """The authors' code's initialisation (the paper states none). Their A = V^T and B = U^T are
+    [n, C, d_in, m] and [n, C, m, d_out] tensors, n parallel instances of the target (their TMS 5-2
+    runs: 12, TMS 40-10: 3, residual MLPs: 1), and torch's fans of a 4-d tensor count n and C:
+    fan_in = C · d_in · m, fan_out = n · d_in · m for A (d_in -> d_out for B). So, with s = scale:
+      xavier_normal:   V ~ N(0, 2 s² / ((C + n) d_in m)),  U ~ N(0, 2 s² / ((C + n) m d_out));
+      kaiming_uniform: V ~ s · U(±√(6 / (C d_in m))),      U ~ s · U(±√(6 / (C m d_out))).
+    U [C, d_out, m], V [C, m, d_in]; n = instances."""
     C, d_out, m = U.shape
-    d_in = V.shape[2]
+    d_in, n = V.shape[2], instances
     with torch.no_grad():
         if how == "xavier_normal":
-            V.normal_(0.0, scale * math.sqrt(2 / (d_in * m + C * m)))
-            U.normal_(0.0, scale * math.sqrt(2 / (m * d_out + C * d_out)))
+            V.normal_(0.0, scale * math.sqrt(2 / ((C + n) * d_in * m)))
+            U.normal_(0.0, scale * math.sqrt(2 / ((C + n) * m * d_out)))
         elif how == "kaiming_uniform":
-            V.uniform_(-1, 1).mul_(scale * math.sqrt(6 / (d_in * m)))
-            U.uniform_(-1, 1).mul_(scale * math.sqrt(6 / (m * d_out)))
+            V.uniform_(-1, 1).mul_(scale * math.sqrt(6 / (C * d_in * m)))
+            U.uniform_(-1, 1).mul_(scale * math.sqrt(6 / (C * m * d_out)))
         else:
             raise ValueError(f"unknown init {how!r}; choose one of {INITS}")
 
@@ -157,7 +160,7 @@ class APDDecomposition(nn.Module):
     """
 
     def __init__(self, target: nn.Module, targets: list[str], C: int = 5, m: int | None = None,
-                 init: str = "xavier_normal", init_scale: float = 1.0):
+                 init: str = "xavier_normal", init_scale: float = 1.0, init_instances: int = 1):
         super().__init__()
         self.target = target.requires_grad_(False).eval()
         self.names = spd._resolve(target, targets)
@@ -166,7 +169,8 @@ class APDDecomposition(nn.Module):
             if t not in self.names:
                 raise ValueError(f"{s} is tied to {t}, so {t} must be decomposed too (add it to --targets)")
         self.C = C
-        self.settings = dict(targets=list(targets), C=C, m=m, init=init, init_scale=init_scale)
+        self.settings = dict(targets=list(targets), C=C, m=m, init=init, init_scale=init_scale,
+                             init_instances=init_instances)
         self.U, self.V = nn.ParameterDict(), nn.ParameterDict()
         for name in self.names:
             if name in self.tied:
@@ -174,7 +178,7 @@ class APDDecomposition(nn.Module):
             d_out, d_in = spd.linear_weight(self.module(name)).shape
             rank = min(d_in, d_out) if m is None else m
             U, V = torch.empty(C, d_out, rank), torch.empty(C, rank, d_in)
-            init_components_(U, V, init, init_scale)
+            init_components_(U, V, init, init_scale, init_instances)
             self.U[spd._key(name)], self.V[spd._key(name)] = nn.Parameter(U), nn.Parameter(V)
 
     @classmethod

@@ -61,17 +61,19 @@ def test_masked_forward_equals_the_target_with_the_summed_active_components():
 
 
 def test_init_is_the_authors_scale():
-    """Their A [C, d_in, m] and B [C, m, d_out] get xavier_normal / kaiming_uniform with torch's fans."""
+    """Their A [n, C, d_in, m] and B [n, C, m, d_out] (n instances), initialised by torch itself with
+    xavier_normal / kaiming_uniform (then times the scale), have the spread of our V and U."""
     C, d_in, d_out, m = 200, 30, 20, 10
     U, V = torch.empty(C, d_out, m), torch.empty(C, m, d_in)
-    apd.init_components_(U, V, "xavier_normal", 1.0)
-    A, B = torch.empty(C, d_in, m), torch.empty(C, m, d_out)  # theirs, initialised by torch itself
-    nn.init.xavier_normal_(A), nn.init.xavier_normal_(B)
-    assert V.std() == pytest.approx(A.std().item(), rel=0.02) and U.std() == pytest.approx(B.std().item(), rel=0.02)
-    apd.init_components_(U, V, "kaiming_uniform", 2.0)
-    nn.init.kaiming_uniform_(A), nn.init.kaiming_uniform_(B)
-    assert V.abs().max() == pytest.approx(2 * A.abs().max().item(), rel=0.01)
-    assert U.abs().max() == pytest.approx(2 * B.abs().max().item(), rel=0.01)
+    for n in (1, 12):
+        A, B = torch.empty(n, C, d_in, m), torch.empty(n, C, m, d_out)
+        apd.init_components_(U, V, "xavier_normal", 2.0, instances=n)
+        nn.init.xavier_normal_(A, gain=2.0), nn.init.xavier_normal_(B, gain=2.0)
+        assert V.std() == pytest.approx(A.std().item(), rel=0.02) and U.std() == pytest.approx(B.std().item(), rel=0.02)
+        apd.init_components_(U, V, "kaiming_uniform", 2.0, instances=n)
+        nn.init.kaiming_uniform_(A), nn.init.kaiming_uniform_(B)
+        assert V.abs().max() == pytest.approx(2 * A.abs().max().item(), rel=0.01)
+        assert U.abs().max() == pytest.approx(2 * B.abs().max().item(), rel=0.01)
 
 
 # --- C. attributions ---------------------------------------------------------------------------

@@ -66,18 +66,20 @@ PRESETS: dict[str, dict] = {
 # APD hyperparameters per preset (--method apd): overrides of apd.APDConfig's defaults (APD D.1.1,
 # TMS 5-2), from the APD paper's appendix D; where the authors' configs differ, the comment says so.
 _APD_TMS = dict(targets=["linear1", "linear2"], steps=20_000, batch_size=2048, lr_warmup_pct=0.05, init="xavier_normal")
+# init_instances: the instances of the authors' runs (their train_tms.py: 12 for TMS 5-2, 3 for 40-10; residual MLPs 1),
+# which set their initial scale (apd.init_components_); 5-2+ID, not an APD model, takes 5-2's.
 _APD_RESID = dict(targets=["layers.*.mlp_in", "layers.*.mlp_out"], act_recon=1.0, act_recon_targets=["layers.*.mlp_in"],
                   schatten_p=0.9, topk=1.28, batch_size=2048, lr=1e-3, lr_schedule="cosine", lr_warmup_pct=0.01,
-                  init="kaiming_uniform", init_scale=2.0)
+                  init="xavier_normal", init_scale=2.0, init_instances=1)
 APD_PRESETS: dict[str, dict] = {
     # APD D.1.1. The authors' code makes each matrix rank min(d_in, d_out) + 1 = 3; the paper's (and our) default is 2.
-    "tms_5-2": dict(_APD_TMS, C=5, topk=0.211, minimality=1.0, simplicity=0.7, schatten_p=1.0, lr=0.03, lr_schedule="constant"),
+    "tms_5-2": dict(_APD_TMS, init_instances=12, C=5, topk=0.211, minimality=1.0, simplicity=0.7, schatten_p=1.0, lr=0.03, lr_schedule="constant"),
     # Not in the APD paper (the SPD paper: "APD fails"); TMS 5-2's settings.
-    "tms_5-2-id": dict(_APD_TMS, targets=["linear1", "linear2", "hidden_layers.0"], C=5, topk=0.211, minimality=1.0,
+    "tms_5-2-id": dict(_APD_TMS, init_instances=12, targets=["linear1", "linear2", "hidden_layers.0"], C=5, topk=0.211, minimality=1.0,
                        simplicity=0.7, schatten_p=1.0, lr=0.03, lr_schedule="constant"),
     # APD D.1.2. The authors' config: C 40, topk 2, simplicity 15.
-    "tms_40-10": dict(_APD_TMS, C=50, topk=1.0, minimality=10.0, simplicity=20.0, schatten_p=0.9, lr=1e-3, lr_schedule="cosine"),
-    "tms_40-10-id": dict(_APD_TMS, targets=["linear1", "linear2", "hidden_layers.0"], C=50, topk=1.0, minimality=10.0,
+    "tms_40-10": dict(_APD_TMS, init_instances=3, C=50, topk=1.0, minimality=10.0, simplicity=20.0, schatten_p=0.9, lr=1e-3, lr_schedule="cosine"),
+    "tms_40-10-id": dict(_APD_TMS, init_instances=3, targets=["linear1", "linear2", "hidden_layers.0"], C=50, topk=1.0, minimality=10.0,
                          simplicity=20.0, schatten_p=0.9, lr=1e-3, lr_schedule="cosine"),
     # APD D.2. The authors' configs: batch 256, 10k steps (resid_mlp1); resid_mlp2 without unit-norm V.
     "resid_mlp1": dict(_APD_RESID, C=130, minimality=1.0, simplicity=10.0, steps=40_000, unit_norm_V=True),
@@ -119,6 +121,7 @@ SPD_HELP = {
 APD_HELP = {
     "m": "APD: rank of each matrix of a component (default: min(d_in, d_out), full rank)",
     "init_scale": "APD: scale of the initialisation (--init xavier_normal or kaiming_uniform for APD)",
+    "init_instances": "APD: instances n of the authors' runs, in the init's fans (apd.init_components_)",
     "minimality": "APD β: top-k forward's output against the target's (APD eq. 17)",
     "act_recon": "APD: minimality's hidden-activation term (MLP activations after the ReLU)",
     "act_recon_targets": "APD: modules whose ReLU'd outputs --act_recon compares",

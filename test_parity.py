@@ -1,4 +1,5 @@
-"""This code against numbers the authors' code computed (goodfire-ai/spd, spd-paper, c6314c9f).
+"""This code against numbers the authors' code computed (goodfire-ai/spd, spd-paper, c6314c9f; and
+for apd.py their APD code, ApolloResearch/apd at 4e29d43: fixtures/apd_parity_*.json, parity_apd.py).
 
 Each fixture in fixtures/ holds what their `optimize` computed in one step on inputs that
 `parity.make_inputs` regenerates from a seed (target, U, V, CI parameters, batch, mask draws):
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import parity
+import parity_apd
 
 FIXTURES = sorted(Path(__file__).parent.glob("fixtures/parity_*.json"))
 # Float32 rounding: the largest difference seen is their gradient of the CI MLPs' w_out, 9e-6 of its
@@ -47,3 +49,41 @@ def test_one_step_reproduces_the_authors_code(path, tied_updates, fast):
 
 def test_fixtures_cover_the_issue_models():
     assert {json.loads(p.read_text())["model"] for p in FIXTURES} == set(parity.MODELS)
+
+
+# --- APD: apd.py against the authors' APD code --------------------------------------------------
+
+APD_FIXTURES = sorted(Path(__file__).parent.glob("fixtures/apd_parity_*.json"))
+
+
+def their_schatten_eps(inp: dict, n_active: int) -> float:
+    """Their Schatten proxy adds eps = 1e-16 to every (input, component, rank index) entry of every
+    matrix after masking, so each inactive pair adds eps^(p/2) as well: a constant without gradient
+    (ours adds eps to the active ones only). Their simplicity loss = ours + this."""
+    dec, cfg = inp["dec"], inp["cfg"]
+    N = sum(w.numel() for w in dec.target_weights().values())
+    ranks = sum(dec.UV(n)[0].shape[-1] for n in dec.names)
+    inactive = cfg.batch_size * cfg.C - n_active
+    return inactive * ranks * 1e-16 ** (cfg.schatten_p / 2) / (N * cfg.batch_size)
+
+
+@pytest.mark.parametrize("path", APD_FIXTURES, ids=[p.stem for p in APD_FIXTURES])
+def test_one_apd_step_reproduces_the_authors_apd_code(path):
+    """Attributions, the batch top-k mask (exactly), every loss, the gradients Adam applies and the
+    parameters after apd.optimize's first step, against their optimize on the same inputs."""
+    fixture = json.loads(path.read_text())
+    inp = parity_apd.make_inputs(fixture["model"], fixture["seed"], fixture["batch_size"])
+    ours = parity_apd.summarise(parity_apd.our_step(inp))
+    theirs = fixture["theirs"]
+    assert ours["mask"] == theirs["mask"]
+    eps = their_schatten_eps(inp, len(ours["mask"]))
+    ours["losses"]["simplicity"] += eps
+    ours["losses"]["total"] += inp["cfg"].simplicity * eps
+    diffs = parity_apd.compare(ours, theirs)
+    assert len(diffs) >= 5 + 4 * len(inp["dec"].U), sorted(diffs)  # losses, mask, attributions, U, V grads and values
+    bad = {k: d for k, d in diffs.items() if not d < TOL}
+    assert not bad, f"differ from the authors' APD code: {bad}"
+
+
+def test_apd_fixtures_cover_the_models():
+    assert {json.loads(p.read_text())["model"] for p in APD_FIXTURES} == set(parity_apd.MODELS)

@@ -265,7 +265,7 @@ def test_features_with_own_component_by_hand():
 
 # --- the command line: train.py --method apd -----------------------------------------------------
 
-def test_cli_apd_run_resumes_exactly_reevaluates_and_is_not_mistaken_for_spd(tmp_path, monkeypatch, capsys):
+def test_cli_apd_run_resumes_exactly_reevaluates_and_is_not_mistaken_for_spd(tmp_path, interrupt_after, capsys):
     import shutil
 
     import train
@@ -281,18 +281,8 @@ def test_cli_apd_run_resumes_exactly_reevaluates_and_is_not_mistaken_for_spd(tmp
     assert set(whole) >= {"mmcs", "ml2r", "mmcs_large", "ml2r_large", "features_with_own_component", "final_losses"}
     saved = json.loads((run / "config.json").read_text())
     assert saved["method"] == "apd" and saved["config"]["apd"]["C"] == 5 and saved["config"]["method"] == "apd"
-    real, calls = apd.apd_losses, []
-
-    def killed_at_step_15(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 15:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(apd, "apd_losses", killed_at_step_15)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_after(apd, "apd_losses", 15), pytest.raises(KeyboardInterrupt):
         cli("killed")
-    monkeypatch.setattr(apd, "apd_losses", real)
     assert json.loads((tmp_path / "killed" / "config.json").read_text())["step"] == 10
     with pytest.raises(SystemExit, match=r"other settings .*differing flags: \['topk'\]"):
         cli("killed", "--resume", "--topk", "0.5")

@@ -426,7 +426,7 @@ def test_cli_tms_run_writes_a_reloadable_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("tied_updates", ["shared", "separate"])
-def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, capsys, tied_updates):
+def test_cli_resume_continues_a_killed_run_exactly(tmp_path, interrupt_after, capsys, tied_updates):
     import json
     import shutil
 
@@ -439,18 +439,8 @@ def test_cli_resume_continues_a_killed_run_exactly(tmp_path, monkeypatch, capsys
                            "--tied_updates", tied_updates, "--no_progress", "--out", str(tmp_path / out), *extra])
 
     whole = cli("whole")
-    real, calls = spd.spd_losses, []
-
-    def killed_at_step_15(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 15:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(spd, "spd_losses", killed_at_step_15)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupt_after(spd, "spd_losses", 15), pytest.raises(KeyboardInterrupt):
         cli("killed")
-    monkeypatch.setattr(spd, "spd_losses", real)
     saved = json.loads((tmp_path / "killed" / "config.json").read_text())
     assert saved["step"] == 10  # what it saved
     if tied_updates == "shared":  # a run saved before the flag existed resumes with its default
@@ -588,21 +578,11 @@ def test_cli_bad_input_names_the_value(tmp_path, argv, message):
         run_cli(tmp_path, *argv)
 
 
-def test_cli_killed_target_training_continues_from_its_checkpoint(tmp_path, monkeypatch, capsys):
-    real, calls = models.sparse_features, []
-
-    def killed_after_1200_batches(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1200:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(models, "sparse_features", killed_after_1200_batches)
-    with pytest.raises(KeyboardInterrupt):
+def test_cli_killed_target_training_continues_from_its_checkpoint(tmp_path, interrupt_after, capsys):
+    with interrupt_after(models, "sparse_features", 1200), pytest.raises(KeyboardInterrupt):
         run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "1500")
     partial = next((tmp_path / "targets").glob("*.partial.pt"))  # the folder did not exist before
     assert torch.load(partial, weights_only=True)["step"] == 1000
-    monkeypatch.setattr(models, "sparse_features", real)
     run_cli(tmp_path, "--model", "tms_5-2", "--steps", "2", "--batch_size", "8", "--target_steps", "1500", out="run2")
     assert "train tms: continuing from step 1000" in capsys.readouterr().out
     assert not partial.exists() and len(list((tmp_path / "targets").glob("*.pt"))) == 1

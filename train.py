@@ -250,10 +250,15 @@ def launcher() -> str:
     return f"torchrun --standalone --nproc_per_node {world} " if world > 1 else "python "
 
 
+def started_processes() -> int:
+    """The processes torchrun started (its WORLD_SIZE; 1 under plain python), before any group is joined."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def start_processes(args) -> None:
     """Under torchrun (WORLD_SIZE > 1): joins the process group (nccl on GPUs, gloo on CPU) and
     picks this process's GPU. SystemExit for what data parallelism does not cover."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = started_processes()
     if world == 1:
         return
     if args.method != "spd":
@@ -604,7 +609,7 @@ def main(argv=None) -> dict:
     if args.resume and (out / "metrics.json").exists():
         raise SystemExit(f"--resume: {out} holds a finished run (metrics.json), there is nothing to continue; "
                          f"add --evaluate_only instead to re-evaluate it, or pass another --out")
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = started_processes()
     if cfg.batch_size % world:
         raise SystemExit(f"--batch_size {cfg.batch_size} does not split evenly over {world} processes; use a multiple of {world}")
     if world > 1 and args.evaluate_only:

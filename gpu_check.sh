@@ -8,6 +8,7 @@
 #   3. a 2-process nccl run (torchrun) if two GPUs are present
 #   4. resid_mlp3 at the paper's settings for 2000 steps, its time extrapolated to the paper's 200k
 #      (goal: under 30 minutes on one H100)
+#   5. APD on resid_mlp1 (--method apd) for 200 steps, extrapolated to its 40k (9.7 s/step on one CPU thread)
 # Writes results/gpu_*.json and results/gpu_tests.txt, and prints a summary.
 #
 #   bash gpu_check.sh
@@ -40,6 +41,10 @@ step "resid_mlp3, 2000 steps of the paper's 200k"
 timeout 150 python train.py --model resid_mlp3 --steps 2000 --device cuda --out "$OUT/resid_mlp3" --no_progress \
     --log_every 500 | tail -n 3
 
+step "APD resid_mlp1, 200 steps of its 40k"
+timeout 120 python train.py --model resid_mlp1 --method apd --steps 200 --device cuda --out "$OUT/apd_resid_mlp1" \
+    --no_progress --log_every 100 | tail -n 3
+
 python - "$GPU" "$N_GPU" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -50,12 +55,12 @@ summary["tests"] = tests[-1] if tests else "did not run"
 for name in ("toy", "induction", "gpt2"):
     path = Path(f"results/gpu_benchmark_{name}.json")
     summary[f"benchmark_{name}"] = json.loads(path.read_text()) if path.exists() else "did not finish"
-for run in ("resid_mlp3", "nccl_tms_5-2"):
+for run, steps, full in (("resid_mlp3", 2000, 200_000), ("nccl_tms_5-2", 2000, None), ("apd_resid_mlp1", 200, 40_000)):
     m = Path(f"runs/gpu_check/{run}/metrics.json")
     if m.exists():
         metrics = json.loads(m.read_text())
-        summary[run] = {"ms_per_step": metrics["ms_per_step"], "steps_timed": 2000,
-                        "minutes_for_200k_steps": metrics["ms_per_step"] * 200_000 / 60_000 if run == "resid_mlp3" else None}
+        summary[run] = {"ms_per_step": metrics["ms_per_step"], "steps_timed": steps, "full_steps": full,
+                        "minutes_for_full_steps": metrics["ms_per_step"] * full / 60_000 if full else None}
 Path("results/gpu_summary.json").write_text(json.dumps(summary, indent=1))
 print(f"\nGPU: {gpu} (x{n_gpu})\ntests: {summary['tests']}")
 for name in ("toy", "induction", "gpt2"):
@@ -63,8 +68,10 @@ for name in ("toy", "induction", "gpt2"):
     for r in rows if isinstance(rows, list) else []:
         print(f"  {r['preset']:12s} {r['ci_fn']:9s} seq {str(r.get('seq_len') or '-'):>5s} {r['ms_per_step']:9.2f} ms/step "
               f"{r['it_per_s']:8.1f} it/s  peak {r['peak_gb']:.2f} GB")
-if "resid_mlp3" in summary:
-    print(f"resid_mlp3: {summary['resid_mlp3']['ms_per_step']:.2f} ms/step -> "
-          f"{summary['resid_mlp3']['minutes_for_200k_steps']:.1f} min for 200k steps (goal < 30 on an H100)")
+for run in ("resid_mlp3", "apd_resid_mlp1"):
+    if run in summary:
+        r = summary[run]
+        print(f"{run}: {r['ms_per_step']:.2f} ms/step -> {r['minutes_for_full_steps']:.1f} min for {r['full_steps']} steps"
+              + (" (goal < 30 on an H100)" if run == "resid_mlp3" else ""))
 print("wrote results/gpu_summary.json")
 EOF

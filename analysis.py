@@ -1292,6 +1292,7 @@ def apd_report(root: Path, out: Path, suffix: str = "") -> None:
     runs = [r for r in _all_runs(root) if r[1].get("method") == "apd"]
     text = (f"# APD (the baseline, apd.py): APD paper Table 1 and TMS 5-2+ID\n\n{_report_header(root, suffix)}"
             + apd_table(runs))
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"apd{suffix}.md").write_text(text)
     print(f"wrote {out / f'apd{suffix}.md'} ({len(runs)} runs)")
 

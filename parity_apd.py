@@ -7,10 +7,15 @@ checkout on PYTHONPATH (its package is also called `spd`), and nothing of it is 
     python parity_apd.py step --model tms_5-2 --ref ../ref/apd --ref_python ../ref/venv/bin/python \\
         --fixture fixtures/apd_parity_tms_5-2.json --report results/parity/apd_step_tms_5-2.json
 
+    python parity_apd.py train --model tms_40-10 --instances 3 --ref ... --ref_python ... --out runs/parity/apd_theirs_tms_40-10
+
 `step` runs one optimisation step of their `optimize` (steps=1) and of our apd.optimize on the same
 target, U, V and batch (train.APD_PRESETS' settings), and compares the attributions, the batch top-k
 mask, every loss term, every gradient and the parameters after the Adam step. Their models are built
-with n_instances = 1.
+with n_instances = 1. `train` runs their `optimize` for the preset's steps on our target copied into
+`--instances` parallel instances (as their own TMS runs: 12 for 5-2, 3 for 40-10), with their own
+init (seeded as their main scripts) and data, and writes each instance as a run folder of ours,
+<out>_i<k>, for `train.py --method apd --evaluate_only`.
 
 Name and layout mapping (theirs -> ours), for decomposed matrix `name`:
     <name>.A [1, C, d_in, m]  = V^T   (V [C, m, d_in]; their layer computes Σ_c (x A_c) B_c)
@@ -143,14 +148,16 @@ def compare(a: dict, b: dict) -> dict[str, float]:
     return rows | {k: parity.compare_summaries(a[k], b[k]) for k in sorted(b) if k not in ("losses", "mask")}
 
 
-def target_to_theirs(model: str, target) -> dict:
-    """Our target's weights in their layout (n_instances = 1) and their model config."""
+def target_to_theirs(model: str, target, instances: int = 1) -> dict:
+    """Our target's weights in their layout, copied into `instances` instances, and their model config."""
     if model.startswith("tms"):
-        cfg = {"n_instances": 1, "n_features": target.linear1.in_features, "n_hidden": target.linear1.out_features,
+        cfg = {"n_instances": instances, "n_features": target.linear1.in_features, "n_hidden": target.linear1.out_features,
                "n_hidden_layers": len(target.hidden_layers), "device": "cpu"}
         state = {"linear1.weight": target.linear1.weight.T[None], "b_final": target.linear2.bias[None]}
         state |= {f"hidden_layers.{i}.weight": l.weight.T[None] for i, l in enumerate(target.hidden_layers)}
-        return {"family": "tms", "config": cfg, "state": {k: v.detach().clone() for k, v in state.items()}}
+        return {"family": "tms", "config": cfg,
+                "state": {k: v.detach().expand(instances, *v.shape[1:]).clone() for k, v in state.items()}}
+    assert instances == 1, "residual MLPs: one instance (as their runs)"
     cfg = {"n_instances": 1, "n_features": target.W_E.shape[0], "d_embed": target.W_E.shape[1],
            "d_mlp": target.layers[0].mlp_in.out_features, "n_layers": len(target.layers), "act_fn_name": "relu",
            "apply_output_act_fn": False, "in_bias": False, "out_bias": False}
@@ -161,8 +168,8 @@ def target_to_theirs(model: str, target) -> dict:
     return {"family": "resid_mlp", "config": cfg, "state": {k: v.detach().clone().contiguous() for k, v in state.items()}}
 
 
-def their_config(inp: dict) -> dict:
-    """Their Config for our preset's values, one step, logging every step, no figures or saves but the last."""
+def their_config(inp: dict, steps: int = 1, print_freq: int = 1) -> dict:
+    """Their Config for our preset's values; no figures, and no saves but the last."""
     cfg, dec = inp["cfg"], inp["dec"]
     ranks = {U.shape[-1] for U in dec.U.values()}
     assert len(ranks) == 1, f"their models take one m for all matrices, ours has {ranks}"
@@ -170,7 +177,7 @@ def their_config(inp: dict) -> dict:
             if inp["model"].startswith("tms") else
             {"task_name": "residual_mlp", "feature_probability": 0.01, "init_scale": cfg.init_scale})
     return dict(wandb_project=None, seed=inp["seed"], topk=cfg.topk, batch_topk=True, batch_size=cfg.batch_size,
-                steps=1, print_freq=1, image_freq=None, save_freq=None, lr=cfg.lr, param_match_coeff=cfg.faithfulness,
+                steps=steps, print_freq=print_freq, image_freq=None, save_freq=None, lr=cfg.lr, param_match_coeff=cfg.faithfulness,
                 topk_recon_coeff=cfg.minimality, act_recon_coeff=cfg.act_recon or None, schatten_coeff=cfg.simplicity,
                 schatten_pnorm=cfg.schatten_p, C=cfg.C, m=ranks.pop(), lr_schedule=cfg.lr_schedule,
                 lr_warmup_pct=cfg.lr_warmup_pct, unit_norm_matrices=cfg.unit_norm_V, attribution_type="gradient",
@@ -211,6 +218,54 @@ def cmd_step(args) -> None:
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(json.dumps(content, indent=1))
+
+
+def cmd_train(args) -> None:
+    """Their optimize on our preset target (trained or loaded by train.py's cache), one run folder of
+    ours per instance."""
+    import dataclasses
+    import time
+
+    import apd
+    import train
+
+    torch.set_num_threads(args.threads)
+    targs = train.parse_args(["--model", args.model, "--method", "apd", "--no_progress"])
+    target, tcfg = train.get_target(targs, torch.device("cpu"))
+    cfg = dataclasses.replace(train.spd_config(targs), seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    outs = [Path(f"{args.out}_i{k}") for k in range(args.instances)]
+    if any((o / "metrics.json").exists() for o in outs):
+        raise SystemExit(f"{args.out}_i* holds a finished run; pass another --out")
+    dec = apd.APDDecomposition.from_config(target, cfg)
+    inp = {"model": args.model, "seed": args.seed, "cfg": cfg, "dec": dec}
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"target": target_to_theirs(args.model, target, args.instances),
+               "config": their_config(inp, cfg.steps, print_freq=1000), "out_dir": tmp}
+        torch.save(job, Path(tmp) / "job.pt")
+        env = {**os.environ, "PYTHONPATH": str(Path(args.ref).resolve()), "WANDB_MODE": "disabled"}
+        t0 = time.time()
+        done = subprocess.run([args.ref_python, str(Path(__file__).resolve()), "_theirs", str(Path(tmp) / "job.pt")],
+                              env=env, cwd=tmp)
+        if done.returncode:
+            raise SystemExit("the authors' APD code failed (its output is above)")
+        seconds = time.time() - t0
+        state = torch.load(Path(tmp) / f"spd_model_{cfg.steps}.pth", weights_only=True)
+    command = "python parity_apd.py " + " ".join(sys.argv[1:])
+    for k, out in enumerate(outs):
+        with torch.no_grad():
+            for name in dec.names:
+                if name not in dec.tied:
+                    dec.V[name.replace(".", "/")].copy_(state[f"{name}.A"][k].transpose(1, 2))
+                    dec.U[name.replace(".", "/")].copy_(state[f"{name}.B"][k].transpose(1, 2))
+        run_config = {"model": args.model, "method": "apd", "apd": dataclasses.asdict(cfg), "target": tcfg,
+                      "code": train.code_version(), "command": command,
+                      "theirs": {"repo": "ApolloResearch/apd", "commit": REF_COMMIT, "config": job["config"],
+                                 "instance": k, "instances": args.instances}}
+        apd.save(dec, out, run_config, cfg.steps)
+        (out / "metrics.json").write_text(json.dumps({"final_losses": {}, "seconds": seconds,
+                                                      "ms_per_step": 1000 * seconds / cfg.steps}))
+        print(f"instance {k}: {out}; evaluate it with\n  python train.py --model {args.model} --method apd "
+              f"--seed {args.seed} --steps {cfg.steps} --out {out} --evaluate_only")
 
 
 # ================================================================================================
@@ -296,10 +351,35 @@ def _theirs_step(job: dict) -> None:
                 "params": {k: v for k, v in final.items() if k in job["params"]}}, job["result"])
 
 
+def _theirs_train(job: dict) -> None:
+    """Their tms_decomposition.main without wandb and figures: seed, model (their init), frozen bias,
+    their data, their optimize; writes spd_model_<steps>.pth into job["out_dir"]."""
+    import spd.run_spd as run_spd
+    from spd.experiments.tms.models import TMSModel, TMSModelConfig, TMSSPDModel, TMSSPDModelConfig
+    from spd.utils import DatasetGeneratedDataLoader, SparseFeatureDataset, set_seed
+
+    t, cfg = job["target"], run_spd.Config(**job["config"])
+    assert t["family"] == "tms", "train: TMS models only"
+    set_seed(cfg.seed)
+    target = TMSModel(TMSModelConfig(**t["config"]))
+    target.load_state_dict(t["state"])
+    target.eval()
+    model = TMSSPDModel(TMSSPDModelConfig(**t["config"], C=cfg.C, m=cfg.m, bias_val=0.0))
+    model.b_final.data[:] = target.b_final.data
+    model.b_final.requires_grad = False
+    param_names = ["linear1", "linear2"] + [f"hidden_layers.{i}" for i in range(t["config"]["n_hidden_layers"])]
+    dataset = SparseFeatureDataset(n_instances=t["config"]["n_instances"], n_features=t["config"]["n_features"],
+                                   feature_probability=cfg.task_config.feature_probability, device="cpu",
+                                   data_generation_type="at_least_zero_active", value_range=(0.0, 1.0))
+    run_spd.optimize(model=model, config=cfg, device="cpu", dataloader=DatasetGeneratedDataLoader(dataset, cfg.batch_size),
+                     target_model=target, param_names=param_names, out_dir=Path(job["out_dir"]))
+
+
 def main(argv=None) -> None:
     if argv is None and sys.argv[1:2] == ["_theirs"]:  # the authors' environment: our spd.py off the path
         sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-        return _theirs_step(torch.load(sys.argv[2], weights_only=True))
+        job = torch.load(sys.argv[2], weights_only=True)
+        return (_theirs_train if "out_dir" in job else _theirs_step)(job)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     step = sub.add_parser("step")
@@ -311,8 +391,17 @@ def main(argv=None) -> None:
     step.add_argument("--batch_size", type=int)
     step.add_argument("--fixture", help="write the authors' numbers here (a JSON file for test_parity.py: fixtures/apd_parity_<model>.json)")
     step.add_argument("--report", help="write the side-by-side rows here (JSON)")
+    tr = sub.add_parser("train")
+    tr.add_argument("--model", required=True, choices=[m for m in MODELS if m.startswith("tms")])
+    tr.add_argument("--ref", required=True)
+    tr.add_argument("--ref_python", required=True)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=int, default=1)
+    tr.add_argument("--steps", type=int, help="default: the preset's")
+    tr.add_argument("--instances", type=int, default=1, help="parallel instances of the target in their run")
+    tr.add_argument("--out", required=True, help="run folders <out>_i0, <out>_i1, ...")
     args = ap.parse_args(argv)
-    cmd_step(args)
+    (cmd_step if args.command == "step" else cmd_train)(args)
 
 
 if __name__ == "__main__":

@@ -309,14 +309,16 @@ def in_double(inp: dict) -> dict:
 # ================================================================================================
 
 
-def run_theirs(command: str, job: dict, ref: str, ref_python: str, env: dict | None = None) -> None:
-    """Runs `python parity.py _theirs COMMAND JOB_FILE` in the authors' environment."""
+def run_theirs(command: str, job: dict, ref: str, ref_python: str, env: dict | None = None,
+               script: str = __file__) -> None:
+    """Runs `python SCRIPT _theirs COMMAND JOB_FILE` (SCRIPT: this file, or parity_apd.py) in the
+    authors' environment, their checkout `ref` on PYTHONPATH; its output is shown for "train" only."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "job.pt"
         torch.save(job, path)
         env = {**os.environ, "PYTHONPATH": str(Path(ref).resolve()), "WANDB_MODE": "disabled", **(env or {})}
         quiet = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if command != "train" else {}
-        done = subprocess.run([ref_python, str(Path(__file__).resolve()), "_theirs", command, str(path)], env=env,
+        done = subprocess.run([ref_python, str(Path(script).resolve()), "_theirs", command, str(path)], env=env,
                               cwd=tmp, **quiet)
         if done.returncode:
             raise SystemExit(f"the authors' code failed ({command}):\n{(done.stdout or '')[-3000:]}")

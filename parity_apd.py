@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -192,12 +190,7 @@ def cmd_step(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         job = {"target": target_to_theirs(args.model, inp["target"]), "config": their_config(inp),
                "params": to_theirs(inp["dec"]), "x": inp["x"], "result": str(Path(tmp) / "theirs.pt")}
-        torch.save(job, Path(tmp) / "job.pt")
-        env = {**os.environ, "PYTHONPATH": str(Path(args.ref).resolve()), "WANDB_MODE": "disabled"}
-        done = subprocess.run([args.ref_python, str(Path(__file__).resolve()), "_theirs", str(Path(tmp) / "job.pt")],
-                              env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if done.returncode:
-            raise SystemExit(f"the authors' code failed:\n{done.stdout[-3000:]}")
+        parity.run_theirs("step", job, args.ref, args.ref_python, script=__file__)
         theirs = torch.load(job["result"], weights_only=True)
     theirs["losses"] = {k: theirs["losses"][v] for k, v in LOSS_NAMES.items() if v in theirs["losses"]}
     their_sum = summarise(theirs)
@@ -227,6 +220,7 @@ def cmd_train(args) -> None:
     import time
 
     import apd
+    import spd
     import train
 
     torch.set_num_threads(args.threads)
@@ -241,13 +235,8 @@ def cmd_train(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         job = {"target": target_to_theirs(args.model, target, args.instances),
                "config": their_config(inp, cfg.steps, print_freq=1000), "out_dir": tmp}
-        torch.save(job, Path(tmp) / "job.pt")
-        env = {**os.environ, "PYTHONPATH": str(Path(args.ref).resolve()), "WANDB_MODE": "disabled"}
         t0 = time.time()
-        done = subprocess.run([args.ref_python, str(Path(__file__).resolve()), "_theirs", str(Path(tmp) / "job.pt")],
-                              env=env, cwd=tmp)
-        if done.returncode:
-            raise SystemExit("the authors' APD code failed (its output is above)")
+        parity.run_theirs("train", job, args.ref, args.ref_python, script=__file__)
         seconds = time.time() - t0
         state = torch.load(Path(tmp) / f"spd_model_{cfg.steps}.pth", weights_only=True)
     command = "python parity_apd.py " + " ".join(sys.argv[1:])
@@ -255,8 +244,8 @@ def cmd_train(args) -> None:
         with torch.no_grad():
             for name in dec.names:
                 if name not in dec.tied:
-                    dec.V[name.replace(".", "/")].copy_(state[f"{name}.A"][k].transpose(1, 2))
-                    dec.U[name.replace(".", "/")].copy_(state[f"{name}.B"][k].transpose(1, 2))
+                    dec.V[spd._key(name)].copy_(state[f"{name}.A"][k].transpose(1, 2))
+                    dec.U[spd._key(name)].copy_(state[f"{name}.B"][k].transpose(1, 2))
         run_config = {"model": args.model, "method": "apd", "apd": dataclasses.asdict(cfg), "target": tcfg,
                       "code": train.code_version(), "command": command,
                       "theirs": {"repo": "ApolloResearch/apd", "commit": REF_COMMIT, "config": job["config"],
@@ -378,8 +367,8 @@ def _theirs_train(job: dict) -> None:
 def main(argv=None) -> None:
     if argv is None and sys.argv[1:2] == ["_theirs"]:  # the authors' environment: our spd.py off the path
         sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-        job = torch.load(sys.argv[2], weights_only=True)
-        return (_theirs_train if "out_dir" in job else _theirs_step)(job)
+        job = torch.load(sys.argv[3], weights_only=True)
+        return {"step": _theirs_step, "train": _theirs_train}[sys.argv[2]](job)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     step = sub.add_parser("step")

@@ -47,6 +47,7 @@ import torch
 REF_COMMIT = "c6314c9f"
 MODELS = ("tms_5-2", "tms_5-2-id", "resid_mlp1")  # compared step by step (fixtures/)
 TRAIN_MODELS = MODELS + ("tms_40-10", "tms_40-10-id")  # `train` also takes the 40-10 presets (other sizes)
+TMS_MODELS = tuple(m for m in TRAIN_MODELS if m.startswith("tms"))  # `trajectory`: its stream draws TMS data
 
 
 def their_key(name: str) -> str:
@@ -59,11 +60,13 @@ def their_key(name: str) -> str:
 
 
 def make_inputs(model: str, seed: int = 0, batch_size: int | None = None, n_mask_samples: int = 1,
-                target_state: dict | None = None) -> dict:
+                target_state: dict | None = None, ci_biases: str = "random") -> dict:
     """Everything one step needs, from `seed`: the target (untrained, built from its preset seed,
-    unless `target_state` is given), our initial U, V and CI parameters (the CI biases set to small
-    random values so that their mapping is tested too), a batch from the preset's data, and the
-    uniform draws r of every mask: r[loss][s][name] [B, C], loss 0 = stochastic recon, 1 = layerwise."""
+    unless `target_state` is given), our initial U, V and CI parameters (ci_biases "random": the CI
+    biases set to small random values so that their mapping is tested too; "init": left at the
+    initialisation's zeros, where every zero input's Γ(0) is exactly 0, on the sigmoids' kinks), a
+    batch from the preset's data, and the uniform draws r of every mask: r[loss][s][name] [B, C],
+    loss 0 = stochastic recon, 1 = layerwise."""
     import models
     import spd
     import train
@@ -77,10 +80,12 @@ def make_inputs(model: str, seed: int = 0, batch_size: int | None = None, n_mask
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         dec = spd.Decomposition.from_config(target, cfg)
+    assert ci_biases in ("random", "init"), ci_biases
     with torch.no_grad():
         for ci_fn in dec.ci_fns.values():
-            ci_fn.b_in.copy_(0.1 * torch.randn(ci_fn.b_in.shape, generator=g))
-            ci_fn.b_out.copy_(0.1 * torch.randn(ci_fn.b_out.shape, generator=g))
+            b_in, b_out = torch.randn(ci_fn.b_in.shape, generator=g), torch.randn(ci_fn.b_out.shape, generator=g)
+            if ci_biases == "random":
+                ci_fn.b_in.copy_(0.1 * b_in), ci_fn.b_out.copy_(0.1 * b_out)
     x = models.batch_fn(tcfg)(cfg.batch_size, g)
     r = [[{n: torch.rand(cfg.batch_size, dec.C[n], generator=g) for n in dec.names}
           for _ in range(cfg.n_mask_samples)] for _ in range(2)]
@@ -305,6 +310,131 @@ def in_double(inp: dict) -> dict:
 
 
 # ================================================================================================
+# Trajectory: both codes for many steps from one initial state on one shared stream of batches
+# and mask draws, so that the runs can differ only by what the two loops compute
+# ================================================================================================
+
+
+def stream(seed: int, step: int, spec: dict) -> tuple[torch.Tensor, list]:
+    """Step `step`'s TMS batch and mask draws, drawn the same way in both halves: x [B, n] with each
+    feature active with probability p and its value uniform in [0, 1] (both codes' data), and
+    r[loss][s][name] [B, C] as make_inputs."""
+    g = torch.Generator().manual_seed(1_000_003 * seed + step)
+    B, n = spec["batch_size"], spec["n_features"]
+    x = torch.rand(B, n, generator=g) * (torch.rand(B, n, generator=g) < spec["feature_probability"])
+    r = [[{name: torch.rand(B, c, generator=g) for name, c in spec["C"].items()} for _ in range(spec["S"])]
+         for _ in range(2)]
+    return x, r
+
+
+def recorded(step: int, every: int, steps: int) -> bool:
+    """The steps after whose update a trajectory records the parameters (and their losses)."""
+    return step % every == 0 or step == steps - 1
+
+
+def our_trajectory(dec, cfg, spec: dict, seed: int, every: int) -> dict:
+    """spd.optimize (the CPU fast path, as train.py runs it) on the shared stream: {step: {"losses",
+    "params"}} at the recorded steps, the params after that step's update, under their names."""
+    import spd
+
+    draws, step = fixed_draws([], None), [-1]
+
+    def batch_fn(batch_size):
+        step[0] += 1
+        assert not draws.queue, f"{len(draws.queue)} mask draws of step {step[0] - 1} were not used"
+        x, r = stream(seed, step[0], spec)
+        draws.queue = [d[n] for loss in r for d in loss for n in d]
+        draws.live = spd.live_rows(dec.target_forward(x)[1]) if spd.fast_path(dec) else None
+        return x
+
+    out = {}
+
+    def log(s, losses):
+        assert s == step[0] and recorded(s, every, cfg.steps)
+        out[s] = {"losses": losses, "params": to_theirs(dec)}
+
+    with draws:
+        spd.optimize(dec, batch_fn, cfg, log=log, log_every=every, progress=False)
+    return out
+
+
+def trajectory_setup(args):
+    """The preset's trained target, our initial decomposition for --seed (train.py's init) in the
+    asked tied-update mode, and the stream's shape."""
+    import spd
+    import train
+
+    targs = train.parse_args(["--model", args.model, "--no_progress"])
+    target, tcfg = train.get_target(targs, torch.device("cpu"))
+    cfg = spd.SPDConfig(**{**vars(train.spd_config(targs)), "steps": args.steps, "seed": args.seed,
+                           "tied_updates": args.tied_updates})
+    torch.manual_seed(args.seed)
+    dec = spd.Decomposition.from_config(target, dataclasses.replace(cfg, tied_updates="shared"))
+    init = to_theirs(dec)  # the same initial values whichever mode is asked for
+    dec = spd.Decomposition.from_config(target, cfg)
+    load_theirs(dec, init)
+    spec = {"batch_size": cfg.batch_size, "n_features": target.linear1.in_features, "S": cfg.n_mask_samples,
+            "feature_probability": tcfg["p"], "C": dict(dec.C)}
+    return target, cfg, dec, init, spec
+
+
+def cmd_trajectory(args) -> None:
+    """--side ours (tied_updates of --tied_updates) or theirs: runs it and saves DIR/<side>.pt;
+    --side compare: the relative differences at every recorded step, and our evaluation of each
+    side's final decomposition, into DIR/compare.json."""
+    import spd
+    import train
+
+    torch.set_num_threads(args.threads)
+    target, cfg, dec, init, spec = trajectory_setup(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "seed": args.seed, "steps": args.steps, "every": args.every,
+            "code": train.code_version(), "ref_commit": REF_COMMIT, "torch": str(torch.__version__)}
+    if args.side == "ours":
+        t0 = time.time()
+        record = our_trajectory(dec, cfg, spec, args.seed, args.every)
+        meta["seconds"] = time.time() - t0
+        torch.save({"meta": meta | {"tied_updates": args.tied_updates}, "record": record}, out / f"ours_{args.tied_updates}.pt")
+        return
+    if args.side == "theirs":
+        job = {"target": target_to_theirs(args.model, target), "params": init, "stream": spec, "seed": args.seed,
+               "every": args.every, "config": their_config(args.model, cfg, args.seed, args.steps) | {"print_freq": 10**9},
+               "tied": bool(dec.tied), "result": str((out / "theirs.pt").resolve())}
+        t0 = time.time()
+        run_theirs("trajectory", job, args.ref, args.ref_python)
+        saved = torch.load(out / "theirs.pt", weights_only=True)
+        torch.save({"meta": meta | {"seconds": time.time() - t0}, "record": saved}, out / "theirs.pt")
+        return
+    import analysis
+
+    runs = {f.stem: torch.load(f, weights_only=True) for f in sorted(out.glob("*.pt"))}
+    theirs = runs.pop("theirs")["record"]
+    report = {**meta, "command": "python parity.py " + shlex.join(sys.argv[1:]), "vs_theirs": {}, "final": {}}
+    for name, run in runs.items():
+        rows = {}
+        for s, rec in run["record"].items():
+            t = theirs[s]
+            rows[s] = {"loss/" + k: abs(v - t["losses"][k]) / max(abs(t["losses"][k]), 1e-30) for k, v in rec["losses"].items()}
+            rows[s]["params"] = max(float((v - t["params"][k]).norm() / t["params"][k].norm().clamp_min(1e-30))
+                                    for k, v in rec["params"].items())
+        report["vs_theirs"][name] = rows
+    last = args.steps - 1
+    for name, params in [("theirs", theirs[last]["params"])] + [(n, r["record"][last]["params"]) for n, r in runs.items()]:
+        load_theirs(dec, params)
+        (out / name).mkdir(exist_ok=True)
+        m = analysis.evaluate_tms(dec, out / name)  # (and its figures there)
+        report["final"][name] = {k: m[k] for k in ("mmcs", "ml2r", "ml2r_large", "linear1/n_large_subcomponents")}
+    (out / "compare.json").write_text(json.dumps(report, indent=1))
+    for name, rows in report["vs_theirs"].items():
+        print(f"\n{name} vs theirs: largest relative difference of the parameters (norm-relative) and the total loss")
+        for s, row in rows.items():
+            print(f"  step {s:>6d}  params {row['params']:.1e}  total {row['loss/total']:.1e}")
+    for name, m in report["final"].items():
+        print(f"final {name:<16s} " + "  ".join(f"{k} {v:.4g}" for k, v in m.items()))
+
+
+# ================================================================================================
 # The two halves talk through files; these run their half in its own interpreter
 # ================================================================================================
 
@@ -333,7 +463,7 @@ def step_job(inp: dict) -> dict:
 
 def cmd_step(args) -> None:
     torch.set_num_threads(args.threads)
-    inp = make_inputs(args.model, args.seed, args.batch_size, args.n_mask_samples)
+    inp = make_inputs(args.model, args.seed, args.batch_size, args.n_mask_samples, ci_biases=args.ci_biases)
     with tempfile.TemporaryDirectory() as tmp:
         job = step_job(inp) | {"result": str(Path(tmp) / "theirs.pt")}
         run_theirs("step", job, args.ref, args.ref_python)
@@ -344,7 +474,7 @@ def cmd_step(args) -> None:
     import train
 
     report = {"model": args.model, "seed": args.seed, "batch_size": inp["cfg"].batch_size, "code": train.code_version(),
-              "n_mask_samples": inp["cfg"].n_mask_samples, "ref_commit": REF_COMMIT, "torch": torch.__version__,
+              "n_mask_samples": inp["cfg"].n_mask_samples, "ci_biases": args.ci_biases, "ref_commit": REF_COMMIT, "torch": torch.__version__,
               "command": "python parity.py " + " ".join(sys.argv[1:]), "theirs": their_sum, "rows": {}}
     if tied:
         report["theirs_summed_tied_grads"] = {k: v for k, v in summarise(summed_tied_grads(theirs, tied)).items()
@@ -515,6 +645,71 @@ def _theirs_step(job: dict) -> None:
     torch.save(record, job["result"])
 
 
+def _theirs_trajectory(job: dict) -> None:
+    """Their optimize from the job's initial parameters on the shared stream (stream()): their
+    losses and, after the update of every recorded step, their parameters."""
+    import spd.losses
+    import spd.run_spd as run_spd
+    from spd.configs import Config
+
+    config, every = Config(**job["config"]), job["every"]
+    steps, record, state = config.steps, {}, {"step": -1, "draws": []}
+
+    def loader():
+        for step in range(steps + 1):  # + their final logging-only iteration
+            state["step"] = step
+            x, r = stream(job["seed"], step, job["stream"])
+            state["draws"] = [d for loss in r for d in loss]
+            yield x, x
+
+    def fixed_masks(causal_importances, n_mask_samples):
+        if state["step"] == steps:  # the logging-only iteration: any masks do
+            return [{k: ci + (1 - ci) * torch.rand_like(ci) for k, ci in causal_importances.items()}
+                    for _ in range(n_mask_samples)]
+        taken = [state["draws"].pop(0) for _ in range(n_mask_samples)]
+        return [{k: ci + (1 - ci) * d[k] for k, ci in causal_importances.items()} for d in taken]
+
+    def load_params(model, components):
+        model_state = model.state_dict()
+        for k, v in job["params"].items():
+            model_state[k].copy_(v)
+
+    calc_losses, model_ref = run_spd.calculate_losses, {}
+
+    def record_losses(**kw):
+        total, terms = calc_losses(**kw)
+        model_ref["losses"] = {k.removeprefix("loss/"): v for k, v in terms.items()} | {"total": total.item()}
+        return total, terms
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, *a, **kw):
+            out = super().step(*a, **kw)
+            s = state["step"]
+            assert not state["draws"], f"{len(state['draws'])} mask draws of step {s} were not used"
+            if recorded(s, every, steps):
+                params = {k: v.detach().clone().contiguous() for k, v in model_ref["model"].state_dict().items()
+                          if k in job["params"]}
+                record[s] = {"losses": model_ref["losses"], "params": params}
+            return out
+
+    orig_cm = run_spd.ComponentModel
+
+    def capture_model(*a, **kw):
+        model_ref["model"] = orig_cm(*a, **kw)
+        return model_ref["model"]
+
+    spd.losses.calc_stochastic_masks = fixed_masks
+    run_spd.init_As_and_Bs_ = load_params
+    run_spd.calculate_losses = record_losses
+    run_spd.optim.AdamW = RecordingAdamW
+    run_spd.ComponentModel = capture_model
+    data = loader()
+    run_spd.optimize(target_model=_their_target(job), config=config, device="cpu", train_loader=data,
+                     eval_loader=data, n_eval_steps=1, out_dir=None,
+                     tied_weights=[("linear1", "linear2")] if job["tied"] else None)
+    torch.save(record, job["result"])
+
+
 def _theirs_time(job: dict) -> None:
     """Their optimize for the job's steps on their own data; the wall time between consecutive
     optimizer steps is one whole loop iteration (batch, target pass, CI, losses, backward, step)."""
@@ -590,13 +785,13 @@ def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_theirs":  # the authors' environment
         sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
         job = torch.load(sys.argv[3], weights_only=True)
-        {"step": _theirs_step, "train": _theirs_train, "time": _theirs_time}[sys.argv[2]](job)
+        {"step": _theirs_step, "train": _theirs_train, "time": _theirs_time, "trajectory": _theirs_trajectory}[sys.argv[2]](job)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("step", "train"):
+    for name in ("step", "train", "trajectory"):
         p = sub.add_parser(name)
-        p.add_argument("--model", required=True, choices=MODELS if name == "step" else TRAIN_MODELS)
+        p.add_argument("--model", required=True, choices={"step": MODELS, "train": TRAIN_MODELS}.get(name, TMS_MODELS))
         p.add_argument("--ref", required=True, help="checkout of goodfire-ai/spd at c6314c9f")
         p.add_argument("--ref_python", required=True, help="python of the virtual environment their code runs in")
         p.add_argument("--seed", type=int, default=0)
@@ -604,6 +799,8 @@ def main(argv=None) -> None:
     step = sub.choices["step"]
     step.add_argument("--batch_size", type=int)
     step.add_argument("--n_mask_samples", type=int, default=1)
+    step.add_argument("--ci_biases", choices=("random", "init"), default="random",
+                      help="the CI biases: small random values, or the initialisation's zeros")
     step.add_argument("--fixture", help="write the authors' numbers here (a JSON file for test_parity.py)")
     step.add_argument("--report", help="write the side-by-side rows here (JSON)")
     tr = sub.choices["train"]
@@ -611,8 +808,14 @@ def main(argv=None) -> None:
     tr.add_argument("--steps", type=int, help="default: the preset's")
     tr.add_argument("--target_args", default="", type=shlex.split,
                     help='more train.py flags, as one string: --target_args="--n_features 10 --n_hidden 3 --C 20"')
+    tj = sub.choices["trajectory"]
+    tj.add_argument("--side", required=True, choices=("ours", "theirs", "compare"))
+    tj.add_argument("--out", required=True, help="folder of the two sides' records (ours_<mode>.pt, theirs.pt)")
+    tj.add_argument("--steps", type=int, required=True, help="the run's length (its lr schedule's too)")
+    tj.add_argument("--every", type=int, default=1000, help="record the parameters after every this many steps")
+    tj.add_argument("--tied_updates", choices=("shared", "separate"), default="separate", help="ours: the update scheme")
     args = ap.parse_args(argv)
-    (cmd_step if args.command == "step" else cmd_train)(args)
+    {"step": cmd_step, "train": cmd_train, "trajectory": cmd_trajectory}[args.command](args)
 
 
 if __name__ == "__main__":

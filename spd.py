@@ -156,8 +156,11 @@ def lower_leaky_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 def upper_leaky_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
     """SPD eq. 14: σ_H,upper(x) = 0 for x <= 0, x on [0, 1], 1 + 0.01 (x - 1) for x >= 1. Used in
-    importance minimality (SPD eq. 7) only."""
-    return torch.where(x >= 1, 1 + LEAK * (x - 1), x.clamp(min=0.0))
+    importance minimality (SPD eq. 7) only.
+    Fidelity: the paper leaves the slope at the kinks open; the authors' code has slope 0 at x = 0
+    and 1 at x = 1, and so does this. It matters: at the initialisation (zero CI biases) every zero
+    input's Γ(0) is exactly 0, so slope 1 there changed the first step (results/parity.md §5)."""
+    return torch.where(x <= 1, F.relu(x), 1 + LEAK * (x - 1))
 
 
 # ================================================================================================
@@ -1123,10 +1126,9 @@ def lower_leaky_hard_sigmoid_fast(x: torch.Tensor) -> torch.Tensor:
 
 
 def upper_leaky_hard_sigmoid_fast(x: torch.Tensor) -> torch.Tensor:
-    """upper_leaky_hard_sigmoid as x clipped to [0, 1] plus the leak above 1: the same values and
-    gradients (slope 1 at x = 0, 0.01 at x = 1: hardtanh's gradient is 0 at its upper end, clamp's 1
-    at its lower end)."""
-    return F.hardtanh(x, -math.inf, 1.0).clamp(min=0.0) + LEAK * (x - 1).clamp(min=0.0)
+    """upper_leaky_hard_sigmoid as a ReLU capped at 1 plus the leak above 1: the same values and
+    gradients (slope 0 at x = 0: ReLU's; 1 at x = 1: clamp's at its bound, and the leak's ReLU 0)."""
+    return F.relu(x).clamp(max=1.0) + LEAK * F.relu(x - 1)
 
 
 def scalar_gamma(ci: ScalarCI, h: torch.Tensor, nonzero: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ TOL = 3e-5
 def test_one_step_reproduces_the_authors_code(path, tied_updates, fast):
     """spd_losses (the paper's form) and spd_losses_fast (what optimize runs on a CPU) both."""
     fixture = json.loads(path.read_text())
-    inp = parity.make_inputs(fixture["model"], fixture["seed"], fixture["batch_size"], fixture["n_mask_samples"])
+    inp = parity.make_inputs(fixture["model"], fixture["seed"], fixture["batch_size"], fixture["n_mask_samples"],
+                             ci_biases=fixture.get("ci_biases", "random"))
     tied = inp["dec"].tied
     if tied_updates == "separate" and not tied:
         pytest.skip("no tied matrices")

@@ -58,9 +58,10 @@ def test_leaky_slopes_keep_gradients_alive():
 
 
 def test_leaky_hard_sigmoid_slopes_at_the_kinks():
-    """The case split's choice at x = 0 and x = 1 (each kink belongs to one case): lower has slope
-    0.01 at 0 and 1 at 1; upper has slope 1 at 0 and 0.01 at 1."""
-    for fn, slopes in ((spd.lower_leaky_hard_sigmoid, [0.01, 1.0]), (spd.upper_leaky_hard_sigmoid, [1.0, 0.01])):
+    """The slopes at x = 0 and x = 1, as the authors' code has them (the paper leaves them open):
+    lower 0.01 at 0 and 1 at 1; upper 0 at 0 and 1 at 1. Upper's slope at 0 decides the first step:
+    at the initialisation every zero input's Γ(0) is exactly 0 (test_parity.py's init fixture)."""
+    for fn, slopes in ((spd.lower_leaky_hard_sigmoid, [0.01, 1.0]), (spd.upper_leaky_hard_sigmoid, [0.0, 1.0])):
         x = torch.tensor([0.0, 1.0], requires_grad=True)
         fn(x).sum().backward()
         assert x.grad.tolist() == pytest.approx(slopes)

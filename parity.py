@@ -426,6 +426,10 @@ def cmd_trajectory(args) -> None:
         m = analysis.evaluate_tms(dec, out / name)  # (and its figures there)
         report["final"][name] = {k: m[k] for k in ("mmcs", "ml2r", "ml2r_large", "linear1/n_large_subcomponents")}
     (out / "compare.json").write_text(json.dumps(report, indent=1))
+    if args.fixture:  # their recorded losses and parameter summaries, for test_parity.py
+        steps = {str(s): {"losses": rec["losses"]} | {f"param/{k}": summary(v, f"param/{k}") for k, v in rec["params"].items()}
+                 for s, rec in theirs.items()}
+        Path(args.fixture).write_text(json.dumps({**meta, "command": report["command"], "theirs": steps}, indent=1))
     for name, rows in report["vs_theirs"].items():
         print(f"\n{name} vs theirs: largest relative difference of the parameters (norm-relative) and the total loss")
         for s, row in rows.items():
@@ -814,6 +818,7 @@ def main(argv=None) -> None:
     tj.add_argument("--steps", type=int, required=True, help="the run's length (its lr schedule's too)")
     tj.add_argument("--every", type=int, default=1000, help="record the parameters after every this many steps")
     tj.add_argument("--tied_updates", choices=("shared", "separate"), default="separate", help="ours: the update scheme")
+    tj.add_argument("--fixture", help="compare: also write their record here (a JSON file for test_parity.py)")
     args = ap.parse_args(argv)
     {"step": cmd_step, "train": cmd_train, "trajectory": cmd_trajectory}[args.command](args)
 

@@ -10,10 +10,16 @@ authors' package, found through --ref.
     python parity.py step --model resid_mlp1 ... --fixture fixtures/parity_resid_mlp1.json
     python parity.py train --model tms_5-2 --seed 0 --ref ... --ref_python ... --out runs/parity/theirs_tms_5-2_s0
 
+    python parity.py trajectory --model tms_5-2 --seed 9 --steps 40000 --side theirs --out runs/traj_s9 --ref ... --ref_python ...
+    python parity.py trajectory ... --side ours --tied_updates separate    (then --side compare)
+
 `step`: one optimisation step of the authors' own `optimize` (steps=1) and of ours on identical
 inputs; prints every causal importance, loss term, gradient and updated parameter side by side.
 `train`: a full decomposition by the authors' `optimize` of our preset target, written as a run
 folder of ours, so that `train.py --evaluate_only` measures it with our evaluation.
+`trajectory`: both codes for a whole run from our initial state for --seed on one shared stream of
+batches and mask draws (`stream`), each side in its own process (run them side by side); `compare`
+prints how far apart they are at every recorded step and evaluates both final decompositions.
 
 Name and layout mapping (theirs -> ours), for matrix `name` (their key: name with "." -> "-"):
     components.<key>.A [d_in, C]      = V^T   (their layer computes ((x A) * m) B + bias)

@@ -415,6 +415,8 @@ def cmd_trajectory(args) -> None:
     import analysis
 
     runs = {f.stem: torch.load(f, weights_only=True) for f in sorted(out.glob("*.pt"))}
+    if "theirs" not in runs or len(runs) < 2:
+        raise SystemExit(f"{out} needs theirs.pt and at least one ours_<mode>.pt; run --side theirs and --side ours first")
     theirs = runs.pop("theirs")["record"]
     report = {**meta, "command": "python parity.py " + shlex.join(sys.argv[1:]), "vs_theirs": {}, "final": {}}
     for name, run in runs.items():

@@ -1369,8 +1369,8 @@ def test_tms_5_2_recovers_its_five_features():
     quarter of its batch (measured: MMCS 1.0000, ML2R 0.996-0.997; the README's quick start).
     Seeds: the preset target (target seed 2, models.SEED_5_2, the first of seeds 0-29 whose trained
     target is a pentagon) and decomposition seed 0, the preset's. Not every seed recovers all five
-    features: at the paper's settings 4 of decomposition seeds 0-9 end with two features sharing one
-    subcomponent (seeds 3, 4, 8, 9; results/tms_5-2_seeds.md), so this test asserts one seed that is
+    features: at the paper's settings 3 of decomposition seeds 0-9 end with two features sharing one
+    subcomponent (seeds 3, 8, 9; results/tms_5-2_seeds.md; the authors' code too, parity.md §5), so this test asserts one seed that is
     known to recover, not that every seed does."""
     target, dec = decompose_preset("tms_5-2", steps=20_000, batch_size=1024)
     assert models.tms_target_ok(target)

@@ -587,6 +587,28 @@ def _their_loader(job: dict):
     return DatasetGeneratedDataLoader(dataset, batch_size=cfg["batch_size"], shuffle=False)
 
 
+def _their_start(run_spd, params: dict) -> dict:
+    """Installs in their run_spd the job's parameters in place of their random init_As_and_Bs_, and a
+    ComponentModel wrapper that keeps the model it builds; returns that holder, {"model": ...}."""
+    holder, their_component_model = {}, run_spd.ComponentModel
+
+    def load_params(model, components):
+        state = model.state_dict()
+        for k, v in params.items():
+            state[k].copy_(v)
+
+    def capture_model(*a, **kw):
+        holder["model"] = their_component_model(*a, **kw)
+        return holder["model"]
+
+    run_spd.init_As_and_Bs_, run_spd.ComponentModel = load_params, capture_model
+    return holder
+
+
+def _their_tied(job: dict):
+    return [("linear1", "linear2")] if job["tied"] else None
+
+
 def _theirs_step(job: dict) -> None:
     """Their `optimize` for one step on the job's parameters, batch and mask draws; records what
     their code computed: causal importances, loss terms, gradients (at optimizer.step) and the
@@ -606,11 +628,6 @@ def _theirs_step(job: dict) -> None:
                     for _ in range(S)]
         taken = [draws.pop(0) for _ in range(S)]
         return [{k: ci + (1 - ci) * d[k] for k, ci in causal_importances.items()} for d in taken]
-
-    def load_params(model, components):  # in place of their random init_As_and_Bs_
-        state = model.state_dict()
-        for k, v in job["params"].items():
-            state[k].copy_(v)
 
     calc_ci, calc_losses = run_spd.calc_causal_importances, run_spd.calculate_losses
 
@@ -633,25 +650,17 @@ def _theirs_step(job: dict) -> None:
                                    for p in group["params"] if p.grad is not None}
             return super().step(*a, **kw)
 
-    model_ref = {}
-    orig_cm = run_spd.ComponentModel
-
-    def capture_model(*a, **kw):
-        model_ref["model"] = orig_cm(*a, **kw)
-        return model_ref["model"]
-
+    model_ref = _their_start(run_spd, job["params"])
     spd.losses.calc_stochastic_masks = fixed_masks
-    run_spd.init_As_and_Bs_ = load_params
     run_spd.calc_causal_importances = record_ci
     run_spd.calculate_losses = record_losses
     run_spd.optim.AdamW = RecordingAdamW
-    run_spd.ComponentModel = capture_model
     batch = job["x"]
     loader = [(batch, batch), (batch, batch)]  # step 0 trains, step 1 (= steps) only logs and saves
     out_dir = Path(job["result"]).parent
     run_spd.optimize(target_model=_their_target(job), config=Config(**job["config"]), device="cpu",
                      train_loader=loader, eval_loader=loader, n_eval_steps=1, out_dir=out_dir,
-                     tied_weights=[("linear1", "linear2")] if job["tied"] else None)
+                     tied_weights=_their_tied(job))
     state = torch.load(out_dir / "model_1.pth", weights_only=True)
     record["params"] = {k: v for k, v in state.items() if k in job["params"]}
     torch.save(record, job["result"])
@@ -681,12 +690,7 @@ def _theirs_trajectory(job: dict) -> None:
         taken = [state["draws"].pop(0) for _ in range(n_mask_samples)]
         return [{k: ci + (1 - ci) * d[k] for k, ci in causal_importances.items()} for d in taken]
 
-    def load_params(model, components):
-        model_state = model.state_dict()
-        for k, v in job["params"].items():
-            model_state[k].copy_(v)
-
-    calc_losses, model_ref = run_spd.calculate_losses, {}
+    calc_losses, model_ref = run_spd.calculate_losses, _their_start(run_spd, job["params"])
 
     def record_losses(**kw):
         total, terms = calc_losses(**kw)
@@ -704,21 +708,13 @@ def _theirs_trajectory(job: dict) -> None:
                 record[s] = {"losses": model_ref["losses"], "params": params}
             return out
 
-    orig_cm = run_spd.ComponentModel
-
-    def capture_model(*a, **kw):
-        model_ref["model"] = orig_cm(*a, **kw)
-        return model_ref["model"]
-
     spd.losses.calc_stochastic_masks = fixed_masks
-    run_spd.init_As_and_Bs_ = load_params
     run_spd.calculate_losses = record_losses
     run_spd.optim.AdamW = RecordingAdamW
-    run_spd.ComponentModel = capture_model
     data = loader()
     run_spd.optimize(target_model=_their_target(job), config=config, device="cpu", train_loader=data,
                      eval_loader=data, n_eval_steps=1, out_dir=None,
-                     tied_weights=[("linear1", "linear2")] if job["tied"] else None)
+                     tied_weights=_their_tied(job))
     torch.save(record, job["result"])
 
 
@@ -743,7 +739,7 @@ def _theirs_time(job: dict) -> None:
     loader = _their_loader(job)
     run_spd.optimize(target_model=_their_target(job), config=Config(**job["config"]), device="cpu",
                      train_loader=loader, eval_loader=loader, n_eval_steps=1, out_dir=None,
-                     tied_weights=[("linear1", "linear2")] if job["tied"] else None)
+                     tied_weights=_their_tied(job))
     times = [b - a for a, b in zip(stamps, stamps[1:])]  # the first iteration (step 0 also logs) is left out
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     Path(job["result"]).write_text(json.dumps({"times": times, "peak_bytes": peak, "threads": torch.get_num_threads()}))
@@ -789,7 +785,7 @@ def _theirs_train(job: dict) -> None:
     loader = _their_loader(job)
     run_spd.optimize(target_model=_their_target(job), config=config, device="cpu", train_loader=loader,
                      eval_loader=loader, n_eval_steps=config.n_eval_steps, out_dir=out_dir,
-                     tied_weights=[("linear1", "linear2")] if job["tied"] else None)
+                     tied_weights=_their_tied(job))
     (out_dir / "final_losses.json").write_text(json.dumps(final))
 
 

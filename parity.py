@@ -12,6 +12,7 @@ authors' package, found through --ref.
 
     python parity.py trajectory --model tms_5-2 --seed 9 --steps 40000 --side theirs --out runs/traj_s9 --ref ... --ref_python ...
     python parity.py trajectory ... --side ours --tied_updates separate    (then --side compare)
+    python parity.py init --model tms_5-2 --n 500 --batches 100 --ref ... --ref_python ... --report R.json
 
 `step`: one optimisation step of the authors' own `optimize` (steps=1) and of ours on identical
 inputs; prints every causal importance, loss term, gradient and updated parameter side by side.
@@ -20,6 +21,8 @@ folder of ours, so that `train.py --evaluate_only` measures it with our evaluati
 `trajectory`: both codes for a whole run from our initial state for --seed on one shared stream of
 batches and mask draws (`stream`), each side in its own process (run them side by side); `compare`
 prints how far apart they are at every recorded step and evaluates both final decompositions.
+`init`: both codes' random initial states for many seeds and many batches of each code's data loader,
+compared as distributions (per-seed means and standard deviations, z-scores, KS distances).
 
 Name and layout mapping (theirs -> ours), for matrix `name` (their key: name with "." -> "-"):
     components.<key>.A [d_in, C]      = V^T   (their layer computes ((x A) * m) B + bias)
@@ -447,6 +450,98 @@ def cmd_trajectory(args) -> None:
 
 
 # ================================================================================================
+# Init: are both codes' random initial states and data drawn from the same distributions?
+# ================================================================================================
+
+
+def ks_distance(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov distance D = max |F_a - F_b| of two 1-d samples and its asymptotic
+    p-value (Kolmogorov's series, with Stephens' small-sample correction); iid samples assumed."""
+    a, b = a.double().sort().values, b.double().sort().values
+    grid = torch.cat([a, b])
+    F_a = torch.searchsorted(a, grid, right=True).double() / len(a)
+    F_b = torch.searchsorted(b, grid, right=True).double() / len(b)
+    D = (F_a - F_b).abs().max().item()
+    ne = len(a) * len(b) / (len(a) + len(b))
+    lam = (math.sqrt(ne) + 0.12 + 0.11 / math.sqrt(ne)) * D
+    p = 1.0 if lam < 0.3 else min(1.0, max(0.0, 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam)
+                                                         for k in range(1, 101))))
+    return D, p
+
+
+def z_score(x: torch.Tensor, y: torch.Tensor) -> float:
+    """(mean x - mean y) / its standard error, for two samples of iid per-seed (or per-batch) statistics."""
+    se = math.sqrt(x.double().var().item() / len(x) + y.double().var().item() / len(y))
+    return (x.double().mean().item() - y.double().mean().item()) / se if se > 0 else 0.0
+
+
+def compare_draws(ours: list[torch.Tensor], theirs: list[torch.Tensor], max_pooled: int = 200_000) -> dict:
+    """Per-draw (seed or batch) means and standard deviations of one tensor on each side: their
+    averages, the z-scores of the differences, and the KS distance of up to `max_pooled` values picked
+    at random from all draws (values of one draw are not independent of each other, e.g. a row of B
+    shares one scale, so that p-value is only indicative)."""
+    stats = {}
+    for side, draws in (("ours", ours), ("theirs", theirs)):
+        flat = torch.stack([d.flatten().double() for d in draws])
+        pick = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:max_pooled]
+        stats[side] = {"mean": flat.mean(1), "std": flat.std(1), "pooled": flat.flatten()[pick]}
+    D, p = ks_distance(stats["ours"]["pooled"], stats["theirs"]["pooled"])
+    return {"ours_mean": stats["ours"]["mean"].mean().item(), "theirs_mean": stats["theirs"]["mean"].mean().item(),
+            "z_mean": z_score(stats["ours"]["mean"], stats["theirs"]["mean"]),
+            "ours_std": stats["ours"]["std"].mean().item(), "theirs_std": stats["theirs"]["std"].mean().item(),
+            "z_std": z_score(stats["ours"]["std"], stats["theirs"]["std"]), "ks_D": D, "ks_p": p}
+
+
+def cmd_init(args) -> None:
+    """Both codes' random initial decompositions for seeds 0..n-1 (ours: train.py's path; theirs: their
+    decomposition script's set_seed and optimize, stopped after its init) and `--batches` of each
+    code's data loader, compared as distributions (compare_draws)."""
+    import models
+    import spd
+    import train
+
+    torch.set_num_threads(args.threads)
+    targs = train.parse_args(["--model", args.model, "--no_progress"])
+    target, tcfg = train.get_target(targs, torch.device("cpu"))
+    cfg = train.spd_config(targs)
+    ours = []
+    for s in range(args.n):
+        torch.manual_seed(s)  # as train.py
+        ours.append(to_theirs(spd.Decomposition.from_config(target, cfg)))
+    tied = spd.Decomposition.from_config(target, cfg).tied
+    keys = [k for k in ours[0] if not any(k.startswith(f"components.{their_key(t)}.") for t in tied)]
+    sample = models.batch_fn(tcfg)
+    g = torch.Generator().manual_seed(0)
+    our_batches = [sample(cfg.batch_size, g) for _ in range(args.batches)]
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"target": target_to_theirs(args.model, target), "config": their_config(args.model, cfg, 0, steps=1),
+               "tied": bool(tied), "n": args.n, "batches": args.batches, "result": str(Path(tmp) / "theirs.pt")}
+        run_theirs("init", job, args.ref, args.ref_python)
+        theirs = torch.load(job["result"], weights_only=True)
+    rows = {k: compare_draws([o[k] for o in ours], [t[k] for t in theirs["states"]]) for k in keys}
+    active = lambda bs: [(x != 0).double().mean(0) for x in bs]  # per-feature active share, per batch
+    values = lambda bs: [x[x != 0] for x in bs]
+    rows["data: active share per feature"] = compare_draws(active(our_batches), active(theirs["batches"]))
+    n_vals = min(min(len(v) for v in values(our_batches)), min(len(v) for v in values(theirs["batches"])))
+    rows["data: active values"] = compare_draws([v[:n_vals] for v in values(our_batches)],
+                                                [v[:n_vals] for v in values(theirs["batches"])])
+    print(f"{args.model}: {args.n} seeds' initial states, {args.batches} batches of {cfg.batch_size}; "
+          "z: difference of the per-draw means (stds) over its standard error")
+    print(f"  {'tensor':<34s} {'mean ours':>10s} {'theirs':>10s} {'z':>6s} {'std ours':>9s} {'theirs':>9s} {'z':>6s} "
+          f"{'KS D':>7s} {'KS p':>6s}")
+    for k, r in rows.items():
+        print(f"  {k:<34s} {r['ours_mean']:>10.4g} {r['theirs_mean']:>10.4g} {r['z_mean']:>6.2f} {r['ours_std']:>9.4g} "
+              f"{r['theirs_std']:>9.4g} {r['z_std']:>6.2f} {r['ks_D']:>7.4f} {r['ks_p']:>6.3f}")
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps({"model": args.model, "n_seeds": args.n, "batches": args.batches,
+                                                 "batch_size": cfg.batch_size, "code": train.code_version(),
+                                                 "ref_commit": REF_COMMIT, "torch": torch.__version__,
+                                                 "command": "python parity.py " + " ".join(sys.argv[1:]),
+                                                 "rows": rows}, indent=1))
+
+
+# ================================================================================================
 # The two halves talk through files; these run their half in its own interpreter
 # ================================================================================================
 
@@ -762,6 +857,39 @@ def their_step_times(model: str, steps: int, ref: str, ref_python: str) -> dict:
         return json.loads(Path(job["result"]).read_text())
 
 
+def _theirs_init(job: dict) -> None:
+    """Their initial components and gates for seeds 0..n-1 (their script's set_seed, then optimize up
+    to its init_As_and_Bs_, before the tied copy), and `batches` batches of their data loader."""
+    import spd.run_spd as run_spd
+    from spd.configs import Config
+    from spd.utils import set_seed
+
+    class Initialised(Exception):
+        pass
+
+    states, their_init = [], run_spd.init_As_and_Bs_
+
+    def init_and_stop(model, components):
+        their_init(model=model, components=components)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()
+                       if k.startswith(("components.", "gates."))})
+        raise Initialised
+
+    run_spd.init_As_and_Bs_ = init_and_stop
+    for seed in range(job["n"]):
+        config = Config(**{**job["config"], "seed": seed})
+        set_seed(seed)
+        try:
+            run_spd.optimize(target_model=_their_target(job), config=config, device="cpu", train_loader=None,
+                             eval_loader=None, n_eval_steps=1, out_dir=None, tied_weights=_their_tied(job))
+        except Initialised:
+            pass
+    set_seed(0)
+    loader = iter(_their_loader(job))
+    batches = [next(loader)[0] for _ in range(job["batches"])]
+    torch.save({"states": states, "batches": batches}, job["result"])
+
+
 def _theirs_train(job: dict) -> None:
     """Their decomposition script's path (set_seed, their dataset, optimize) on our target."""
     import spd.run_spd as run_spd
@@ -793,13 +921,15 @@ def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_theirs":  # the authors' environment
         sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
         job = torch.load(sys.argv[3], weights_only=True)
-        {"step": _theirs_step, "train": _theirs_train, "time": _theirs_time, "trajectory": _theirs_trajectory}[sys.argv[2]](job)
+        {"step": _theirs_step, "train": _theirs_train, "time": _theirs_time, "trajectory": _theirs_trajectory,
+         "init": _theirs_init}[sys.argv[2]](job)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("step", "train", "trajectory"):
+    for name in ("step", "train", "trajectory", "init"):
         p = sub.add_parser(name)
-        p.add_argument("--model", required=True, choices={"step": MODELS, "train": TRAIN_MODELS}.get(name, TMS_MODELS))
+        p.add_argument("--model", required=True,
+                       choices={"step": MODELS, "train": TRAIN_MODELS, "init": MODELS}.get(name, TMS_MODELS))
         p.add_argument("--ref", required=True, help="checkout of goodfire-ai/spd at c6314c9f")
         p.add_argument("--ref_python", required=True, help="python of the virtual environment their code runs in")
         p.add_argument("--seed", type=int, default=0)
@@ -823,8 +953,12 @@ def main(argv=None) -> None:
     tj.add_argument("--every", type=int, default=1000, help="record the parameters after every this many steps")
     tj.add_argument("--tied_updates", choices=("shared", "separate"), default="separate", help="ours: the update scheme")
     tj.add_argument("--fixture", help="compare: also write their record here (a JSON file for test_parity.py)")
+    it = sub.choices["init"]
+    it.add_argument("--n", type=int, default=200, help="seeds 0..n-1 in each code")
+    it.add_argument("--batches", type=int, default=50, help="batches of each code's data loader")
+    it.add_argument("--report", help="write the rows here (JSON)")
     args = ap.parse_args(argv)
-    {"step": cmd_step, "train": cmd_train, "trajectory": cmd_trajectory}[args.command](args)
+    {"step": cmd_step, "train": cmd_train, "trajectory": cmd_trajectory, "init": cmd_init}[args.command](args)
 
 
 if __name__ == "__main__":

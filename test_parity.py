@@ -9,9 +9,11 @@ results/parity.md has the comparison in full. The authors' code is not needed he
 """
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 import parity
 import parity_apd
@@ -75,6 +77,19 @@ def test_200_steps_follow_the_authors_code_on_one_shared_stream():
 
 def test_fixtures_cover_the_issue_models():
     assert {json.loads(p.read_text())["model"] for p in FIXTURES} == set(parity.MODELS)
+
+
+def test_ks_distance_and_z_score_by_hand():
+    """parity.py init's statistics on samples small enough to count by hand."""
+    a, b = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.5, 1.5, 2.5])
+    assert parity.ks_distance(a, b)[0] == pytest.approx(1 / 3)  # F_a - F_b is 1/3 at 0, 1 and 2
+    assert parity.ks_distance(a, a + 10)[0] == 1.0
+    D, p = parity.ks_distance(torch.arange(100.0), torch.arange(100.0) + 20)  # D = 0.2, n = m = 100
+    lam = (50 ** 0.5 + 0.12 + 0.11 / 50 ** 0.5) * 0.2
+    assert D == pytest.approx(0.2) and p == pytest.approx(2 * (math.exp(-2 * lam**2) - math.exp(-8 * lam**2)), rel=1e-6)
+    assert parity.ks_distance(a, a) == (0.0, 1.0)
+    x, y = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 1.0, 2.0, 3.0])  # var 5/3 each
+    assert parity.z_score(x, y) == pytest.approx(1 / (2 * 5 / 3 / 4) ** 0.5)
 
 
 # --- APD: apd.py against the authors' APD code --------------------------------------------------

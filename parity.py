@@ -609,6 +609,8 @@ def cmd_step(args) -> None:
 
 def cmd_train(args) -> None:
     """Their optimize on our preset target (trained or loaded by train.py's cache), written as our run."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU here; pass --device cpu")
     import spd
     import train
 
@@ -623,7 +625,8 @@ def cmd_train(args) -> None:
         raise SystemExit(f"{out} holds a finished run; pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     job = {"target": target_to_theirs(args.model, target), "config": their_config(args.model, cfg, args.seed, steps),
-           "out_dir": str((out / "theirs").resolve()), "tied": bool(getattr(target, "tied_weights", None))}
+           "out_dir": str((out / "theirs").resolve()), "tied": bool(getattr(target, "tied_weights", None)),
+           "device": args.device}
     t0 = time.time()
     run_theirs("train", job, args.ref, args.ref_python)
     seconds = time.time() - t0
@@ -636,7 +639,7 @@ def cmd_train(args) -> None:
                   "theirs": {"commit": REF_COMMIT, "config": job["config"]}}
     spd.save(dec, out, run_config, steps)
     (out / "metrics.json").write_text(json.dumps({"final_losses": losses, "seconds": seconds,
-                                                  "ms_per_step": 1000 * seconds / steps}))
+                                                  "ms_per_step": 1000 * seconds / steps, "device": args.device}))
     print(f"their decomposition written to {out}; evaluate it with:\n  python train.py --model {args.model} "
           f"--seed {args.seed} --steps {steps} {' '.join(args.target_args)} --out {out} --evaluate_only")
 
@@ -911,9 +914,9 @@ def _theirs_train(job: dict) -> None:
 
     run_spd.calculate_losses = record_losses
     loader = _their_loader(job)
-    run_spd.optimize(target_model=_their_target(job), config=config, device="cpu", train_loader=loader,
-                     eval_loader=loader, n_eval_steps=config.n_eval_steps, out_dir=out_dir,
-                     tied_weights=_their_tied(job))
+    run_spd.optimize(target_model=_their_target(job), config=config, device=job.get("device", "cpu"),
+                     train_loader=loader, eval_loader=loader, n_eval_steps=config.n_eval_steps, out_dir=out_dir,
+                     tied_weights=_their_tied(job))  # their loop moves the model and each batch to the device
     (out_dir / "final_losses.json").write_text(json.dumps(final))
 
 
@@ -944,6 +947,8 @@ def main(argv=None) -> None:
     tr = sub.choices["train"]
     tr.add_argument("--out", required=True)
     tr.add_argument("--steps", type=int, help="default: the preset's")
+    tr.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where their optimize runs (their code on a GPU: for runs too long for a CPU)")
     tr.add_argument("--target_args", default="", type=shlex.split,
                     help='more train.py flags, as one string: --target_args="--n_features 10 --n_hidden 3 --C 20"')
     tj = sub.choices["trajectory"]

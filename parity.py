@@ -13,6 +13,7 @@ authors' package, found through --ref.
     python parity.py trajectory --model tms_5-2 --seed 9 --steps 40000 --side theirs --out runs/traj_s9 --ref ... --ref_python ...
     python parity.py trajectory ... --side ours --tied_updates separate    (then --side compare)
     python parity.py init --model tms_5-2 --n 500 --batches 100 --ref ... --ref_python ... --report R.json
+    python parity.py from_theirs --model tms_5-2 --seeds 0 1 2 --ref ... --ref_python ... --out runs/from_theirs
 
 `step`: one optimisation step of the authors' own `optimize` (steps=1) and of ours on identical
 inputs; prints every causal importance, loss term, gradient and updated parameter side by side.
@@ -23,6 +24,7 @@ batches and mask draws (`stream`), each side in its own process (run them side b
 prints how far apart they are at every recorded step and evaluates both final decompositions.
 `init`: both codes' random initial states for many seeds and many batches of each code's data loader,
 compared as distributions (per-seed means and standard deviations, z-scores, KS distances).
+`from_theirs`: our loop with our own batch and mask draws from their initial state for each seed.
 
 Name and layout mapping (theirs -> ours), for matrix `name` (their key: name with "." -> "-"):
     components.<key>.A [d_in, C]      = V^T   (their layer computes ((x A) * m) B + bias)
@@ -541,6 +543,47 @@ def cmd_init(args) -> None:
                                                  "rows": rows}, indent=1))
 
 
+def cmd_from_theirs(args) -> None:
+    """Our training loop and our own draws (train.py's seeding: masks from torch.manual_seed(seed),
+    data from a generator seeded seed + 1) from the authors' initial state for each seed: does a
+    seed's merge follow the initial state (then theirs and ours agree seed by seed) or the draws?
+    Writes one run folder per seed (OUT/sSEED), evaluated with train.py --evaluate_only."""
+    import models
+    import spd
+    import train
+
+    torch.set_num_threads(args.threads)
+    targs = train.parse_args(["--model", args.model, "--no_progress", "--tied_updates", args.tied_updates,
+                              *(["--steps", str(args.steps)] if args.steps else [])])
+    target, tcfg = train.get_target(targs, torch.device("cpu"))
+    cfg = train.spd_config(targs)
+    todo = [s for s in args.seeds if not (Path(args.out) / f"s{s}" / "metrics.json").exists()]
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"target": target_to_theirs(args.model, target), "config": their_config(args.model, cfg, 0, steps=1),
+               "tied": bool(getattr(target, "tied_weights", None)), "seeds": todo, "result": str(Path(tmp) / "t.pt")}
+        run_theirs("init", job, args.ref, args.ref_python)
+        states = torch.load(job["result"], weights_only=True)["states"]
+    for seed, state in zip(todo, states):
+        out = Path(args.out) / f"s{seed}"
+        sc = spd.SPDConfig(**{**vars(cfg), "seed": seed})
+        torch.manual_seed(seed)  # as train.py; our init's draws are then replaced by theirs
+        dec = spd.Decomposition.from_config(target, sc)
+        load_theirs(dec, state)
+        gen = torch.Generator().manual_seed(seed + 1)  # as train.py
+        sample = models.batch_fn(tcfg)
+        t0 = time.time()
+        losses = spd.optimize(dec, lambda b: sample(b, gen), sc, progress=False)
+        seconds = time.time() - t0
+        run_config = {"model": args.model, "method": "spd", "spd": vars(sc), "target": tcfg, "code": train.code_version(),
+                      "command": "python parity.py " + shlex.join(sys.argv[1:]),
+                      "init": {"theirs": REF_COMMIT, "seed": seed}}
+        spd.save(dec, out, run_config, sc.steps)
+        (out / "metrics.json").write_text(json.dumps({"final_losses": losses, "seconds": seconds,
+                                                      "ms_per_step": 1000 * seconds / sc.steps}))
+        print(f"seed {seed}: {seconds:.0f} s; evaluate with: python train.py --model {args.model} --seed {seed} "
+              f"--steps {sc.steps} --tied_updates {args.tied_updates} --out {out} --evaluate_only", flush=True)
+
+
 # ================================================================================================
 # The two halves talk through files; these run their half in its own interpreter
 # ================================================================================================
@@ -861,8 +904,9 @@ def their_step_times(model: str, steps: int, ref: str, ref_python: str) -> dict:
 
 
 def _theirs_init(job: dict) -> None:
-    """Their initial components and gates for seeds 0..n-1 (their script's set_seed, then optimize up
-    to its init_As_and_Bs_, before the tied copy), and `batches` batches of their data loader."""
+    """Their initial components and gates for seeds 0..n-1, or job["seeds"] (their script's set_seed,
+    then optimize up to its init_As_and_Bs_, before the tied copy), and `batches` batches of their
+    data loader."""
     import spd.run_spd as run_spd
     from spd.configs import Config
     from spd.utils import set_seed
@@ -879,7 +923,7 @@ def _theirs_init(job: dict) -> None:
         raise Initialised
 
     run_spd.init_As_and_Bs_ = init_and_stop
-    for seed in range(job["n"]):
+    for seed in job["seeds"] if "seeds" in job else range(job["n"]):
         config = Config(**{**job["config"], "seed": seed})
         set_seed(seed)
         try:
@@ -889,7 +933,7 @@ def _theirs_init(job: dict) -> None:
             pass
     set_seed(0)
     loader = iter(_their_loader(job))
-    batches = [next(loader)[0] for _ in range(job["batches"])]
+    batches = [next(loader)[0] for _ in range(job.get("batches", 0))]
     torch.save({"states": states, "batches": batches}, job["result"])
 
 
@@ -962,8 +1006,18 @@ def main(argv=None) -> None:
     it.add_argument("--n", type=int, default=200, help="seeds 0..n-1 in each code")
     it.add_argument("--batches", type=int, default=50, help="batches of each code's data loader")
     it.add_argument("--report", help="write the rows here (JSON)")
+    ft = sub.add_parser("from_theirs")
+    ft.add_argument("--model", required=True, choices=TMS_MODELS)
+    ft.add_argument("--ref", required=True, help="checkout of goodfire-ai/spd at c6314c9f")
+    ft.add_argument("--ref_python", required=True, help="python of the virtual environment their code runs in")
+    ft.add_argument("--seeds", type=int, nargs="+", required=True)
+    ft.add_argument("--steps", type=int, help="default: the preset's")
+    ft.add_argument("--tied_updates", choices=("shared", "separate"), default="separate")
+    ft.add_argument("--out", required=True, help="one run folder per seed: OUT/sSEED (finished ones are skipped)")
+    ft.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    {"step": cmd_step, "train": cmd_train, "trajectory": cmd_trajectory, "init": cmd_init}[args.command](args)
+    {"step": cmd_step, "train": cmd_train, "trajectory": cmd_trajectory, "init": cmd_init,
+     "from_theirs": cmd_from_theirs}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -369,14 +369,17 @@ def our_trajectory(dec, cfg, spec: dict, seed: int, every: int) -> dict:
     return out
 
 
-def trajectory_setup(args):
-    """The preset's trained target, our initial decomposition for --seed (train.py's init) in the
-    asked tied-update mode, and the stream's shape."""
+def trajectory_setup(args, target_state: dict | None = None):
+    """The preset's trained target (or, given target_state, the preset's model with those weights: a
+    fixture's, since the last digits of a trained target depend on the machine), our initial
+    decomposition for --seed (train.py's init) in the asked tied-update mode, and the stream's shape."""
     import spd
     import train
 
     targs = train.parse_args(["--model", args.model, "--no_progress"])
     target, tcfg = train.get_target(targs, torch.device("cpu"))
+    if target_state is not None:
+        target.load_state_dict({k: torch.tensor(v) for k, v in target_state.items()})
     cfg = spd.SPDConfig(**{**vars(train.spd_config(targs)), "steps": args.steps, "seed": args.seed,
                            "tied_updates": args.tied_updates})
     torch.manual_seed(args.seed)
@@ -442,7 +445,9 @@ def cmd_trajectory(args) -> None:
     if args.fixture:  # their recorded losses and parameter summaries, for test_parity.py
         steps = {str(s): {"losses": rec["losses"]} | {f"param/{k}": summary(v, f"param/{k}") for k, v in rec["params"].items()}
                  for s, rec in theirs.items()}
-        Path(args.fixture).write_text(json.dumps({**meta, "command": report["command"], "theirs": steps}, indent=1))
+        Path(args.fixture).write_text(json.dumps({**meta, "command": report["command"], "theirs": steps,
+                                                  "target": {k: v.tolist() for k, v in target.state_dict().items()}},
+                                                 indent=1))
     for name, rows in report["vs_theirs"].items():
         print(f"\n{name} vs theirs: largest relative difference of the parameters (norm-relative) and the total loss")
         for s, row in rows.items():

@@ -514,8 +514,9 @@ def cmd_init(args) -> None:
     ours = []
     for s in range(args.n):
         torch.manual_seed(s)  # as train.py
-        ours.append(to_theirs(spd.Decomposition.from_config(target, cfg)))
-    tied = spd.Decomposition.from_config(target, cfg).tied
+        dec = spd.Decomposition.from_config(target, cfg)
+        ours.append(to_theirs(dec))
+    tied = dec.tied
     keys = [k for k in ours[0] if not any(k.startswith(f"components.{their_key(t)}.") for t in tied)]
     sample = models.batch_fn(tcfg)
     g = torch.Generator().manual_seed(0)
@@ -562,6 +563,7 @@ def cmd_from_theirs(args) -> None:
                               *(["--steps", str(args.steps)] if args.steps else [])])
     target, tcfg = train.get_target(targs, torch.device("cpu"))
     cfg = train.spd_config(targs)
+    sample = models.batch_fn(tcfg)
     todo = [s for s in args.seeds if not (Path(args.out) / f"s{s}" / "metrics.json").exists()]
     with tempfile.TemporaryDirectory() as tmp:
         job = {"target": target_to_theirs(args.model, target), "config": their_config(args.model, cfg, 0, steps=1),
@@ -575,7 +577,6 @@ def cmd_from_theirs(args) -> None:
         dec = spd.Decomposition.from_config(target, sc)
         load_theirs(dec, state)
         gen = torch.Generator().manual_seed(seed + 1)  # as train.py
-        sample = models.batch_fn(tcfg)
         t0 = time.time()
         losses = spd.optimize(dec, lambda b: sample(b, gen), sc, progress=False)
         seconds = time.time() - t0

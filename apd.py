@@ -30,7 +30,6 @@ the losses are the authors' code's (ApolloResearch/apd), with which the paper's 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math

@@ -369,19 +369,26 @@ def our_trajectory(dec, cfg, spec: dict, seed: int, every: int) -> dict:
     return out
 
 
+def preset(model: str, *flags: str):
+    """train.py's target for MODEL (trained, or loaded from its cache), its data config and the SPD
+    config, as `python train.py --model MODEL FLAGS` would build them."""
+    import train
+
+    targs = train.parse_args(["--model", model, "--no_progress", *flags])
+    target, tcfg = train.get_target(targs, torch.device("cpu"))
+    return target, tcfg, train.spd_config(targs)
+
+
 def trajectory_setup(args, target_state: dict | None = None):
     """The preset's trained target (or, given target_state, the preset's model with those weights: a
     fixture's, since the last digits of a trained target depend on the machine), our initial
     decomposition for --seed (train.py's init) in the asked tied-update mode, and the stream's shape."""
     import spd
-    import train
 
-    targs = train.parse_args(["--model", args.model, "--no_progress"])
-    target, tcfg = train.get_target(targs, torch.device("cpu"))
+    target, tcfg, cfg = preset(args.model)
     if target_state is not None:
         target.load_state_dict({k: torch.tensor(v) for k, v in target_state.items()})
-    cfg = spd.SPDConfig(**{**vars(train.spd_config(targs)), "steps": args.steps, "seed": args.seed,
-                           "tied_updates": args.tied_updates})
+    cfg = spd.SPDConfig(**{**vars(cfg), "steps": args.steps, "seed": args.seed, "tied_updates": args.tied_updates})
     torch.manual_seed(args.seed)
     dec = spd.Decomposition.from_config(target, dataclasses.replace(cfg, tied_updates="shared"))
     init = to_theirs(dec)  # the same initial values whichever mode is asked for
@@ -396,7 +403,6 @@ def cmd_trajectory(args) -> None:
     """--side ours (tied_updates of --tied_updates) or theirs: runs it and saves DIR/<side>.pt;
     --side compare: the relative differences at every recorded step, and our evaluation of each
     side's final decomposition, into DIR/compare.json."""
-    import spd
     import train
 
     torch.set_num_threads(args.threads)
@@ -508,9 +514,7 @@ def cmd_init(args) -> None:
     import train
 
     torch.set_num_threads(args.threads)
-    targs = train.parse_args(["--model", args.model, "--no_progress"])
-    target, tcfg = train.get_target(targs, torch.device("cpu"))
-    cfg = train.spd_config(targs)
+    target, tcfg, cfg = preset(args.model)
     ours = []
     for s in range(args.n):
         torch.manual_seed(s)  # as train.py
@@ -559,10 +563,8 @@ def cmd_from_theirs(args) -> None:
     import train
 
     torch.set_num_threads(args.threads)
-    targs = train.parse_args(["--model", args.model, "--no_progress", "--tied_updates", args.tied_updates,
-                              *(["--steps", str(args.steps)] if args.steps else [])])
-    target, tcfg = train.get_target(targs, torch.device("cpu"))
-    cfg = train.spd_config(targs)
+    target, tcfg, cfg = preset(args.model, "--tied_updates", args.tied_updates,
+                               *(["--steps", str(args.steps)] if args.steps else []))
     sample = models.batch_fn(tcfg)
     todo = [s for s in args.seeds if not (Path(args.out) / f"s{s}" / "metrics.json").exists()]
     with tempfile.TemporaryDirectory() as tmp:
@@ -664,9 +666,7 @@ def cmd_train(args) -> None:
     import train
 
     torch.set_num_threads(args.threads)
-    targs = train.parse_args(["--model", args.model, "--no_progress", *args.target_args])
-    target, tcfg = train.get_target(targs, torch.device("cpu"))
-    cfg = train.spd_config(targs)
+    target, tcfg, cfg = preset(args.model, *args.target_args)
     steps = args.steps or cfg.steps
     cfg = spd.SPDConfig(**{**vars(cfg), "steps": steps, "seed": args.seed})
     out = Path(args.out)
@@ -979,14 +979,15 @@ def main(argv=None) -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    for name in ("step", "train", "trajectory", "init"):
+    for name in ("step", "train", "trajectory", "init", "from_theirs"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True,
                        choices={"step": MODELS, "train": TRAIN_MODELS, "init": MODELS}.get(name, TMS_MODELS))
         p.add_argument("--ref", required=True, help="checkout of goodfire-ai/spd at c6314c9f")
         p.add_argument("--ref_python", required=True, help="python of the virtual environment their code runs in")
-        p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=1)
+        if name in ("step", "train", "trajectory"):
+            p.add_argument("--seed", type=int, default=0)
     step = sub.choices["step"]
     step.add_argument("--batch_size", type=int)
     step.add_argument("--n_mask_samples", type=int, default=1)
@@ -1012,15 +1013,11 @@ def main(argv=None) -> None:
     it.add_argument("--n", type=int, default=200, help="seeds 0..n-1 in each code")
     it.add_argument("--batches", type=int, default=50, help="batches of each code's data loader")
     it.add_argument("--report", help="write the rows here (JSON)")
-    ft = sub.add_parser("from_theirs")
-    ft.add_argument("--model", required=True, choices=TMS_MODELS)
-    ft.add_argument("--ref", required=True, help="checkout of goodfire-ai/spd at c6314c9f")
-    ft.add_argument("--ref_python", required=True, help="python of the virtual environment their code runs in")
+    ft = sub.choices["from_theirs"]
     ft.add_argument("--seeds", type=int, nargs="+", required=True)
     ft.add_argument("--steps", type=int, help="default: the preset's")
     ft.add_argument("--tied_updates", choices=("shared", "separate"), default="separate")
     ft.add_argument("--out", required=True, help="one run folder per seed: OUT/sSEED (finished ones are skipped)")
-    ft.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     {"step": cmd_step, "train": cmd_train, "trajectory": cmd_trajectory, "init": cmd_init,
      "from_theirs": cmd_from_theirs}[args.command](args)

@@ -194,7 +194,7 @@ def init_components_(comp: Components, W: torch.Tensor, how: str = "projection")
     starts as W's orthogonal projection onto u_c v_c^T. "normal" is their later default:
     V ~ N(0, 1/d_in), U ~ N(0, 1/C). Both draw from the global torch RNG.
     """
-    (d_out, C), d_in = comp.U.shape, comp.V.shape[1]
+    C, d_in = comp.U.shape[1], comp.V.shape[1]
     if how == "normal":
         comp.V.normal_(0, d_in**-0.5)
         comp.U.normal_(0, C**-0.5)

@@ -3,7 +3,6 @@ as one process with the whole batch, replicas that stay identical, the CLI under
 a 2-process run, and the errors."""
 
 import os
-import shutil
 import socket
 import subprocess
 import sys

@@ -763,7 +763,7 @@ def test_cli_help_describes_every_spd_flag_with_the_presets_default(tmp_path):
     assert set(train.APD_HELP) | {f.name for f in dataclasses.fields(spd.SPDConfig)} >= set(apd_defaults)
     for name, help_text in train.APD_HELP.items():
         assert f"--{name}" in text and f"{help_text} (resid_mlp1's default: {apd_defaults[name]})" in text
-    assert f"(resid_mlp1's default: 100; with --method apd: 130)" in text  # --C
+    assert "(resid_mlp1's default: 100; with --method apd: 130)" in text  # --C
 
 
 def test_a_run_that_has_not_converged_says_so_and_names_the_paper_step_count():

@@ -90,8 +90,7 @@ def test_projection_init_is_projection_onto_rank_one_directions():
     for c in range(7):
         u, v = comp.U[:, c], comp.V[c]
         assert abs(v.norm() - 1) < 1e-5
-        u_hat = u / u.norm()
-        # u_c = (u_hat^T W v_c) u_hat, so u_c^T W v_c = |u_c|^2 >= 0 whatever the sign of u_hat^T W v_c
+        # u_c = (u_hat^T W v_c) u_hat with u_hat = u_c / |u_c|, so u_c^T W v_c = |u_c|^2 >= 0 whatever the sign of u_hat^T W v_c
         assert torch.allclose(u @ W @ v, u.norm() ** 2, atol=1e-5)
 
 

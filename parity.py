@@ -402,7 +402,7 @@ def trajectory_setup(args, target_state: dict | None = None):
 def cmd_trajectory(args) -> None:
     """--side ours (tied_updates of --tied_updates) or theirs: runs it and saves DIR/<side>.pt;
     --side compare: the relative differences at every recorded step, and our evaluation of each
-    side's final decomposition, into DIR/compare.json."""
+    side's final decomposition, into DIR/compare.json; --side kinks: near_kinks, into DIR/kinks.json."""
     import train
 
     torch.set_num_threads(args.threads)
@@ -426,6 +426,8 @@ def cmd_trajectory(args) -> None:
         saved = torch.load(out / "theirs.pt", weights_only=True)
         torch.save({"meta": meta | {"seconds": time.time() - t0}, "record": saved}, out / "theirs.pt")
         return
+    if args.side == "kinks":
+        return near_kinks(dec, out, spec, args.seed)
     import analysis
 
     runs = {f.stem: torch.load(f, weights_only=True) for f in sorted(out.glob("*.pt"))}
@@ -460,6 +462,53 @@ def cmd_trajectory(args) -> None:
             print(f"  step {s:>6d}  params {row['params']:.1e}  total {row['loss/total']:.1e}")
     for name, m in report["final"].items():
         print(f"final {name:<16s} " + "  ".join(f"{k} {v:.4g}" for k, v in m.items()))
+
+
+def near_kinks(dec, out: Path, spec: dict, seed: int, tol: float = 2.5e-7) -> None:
+    """Where do two trajectories recorded at every step (--every 1) part, and why? For each step s: the
+    largest norm-relative parameter difference after it, and every entry of Γ's raw output G (step
+    s's batch, each side's parameters after step s-1) within `tol` (about two float32 ulps at 1) of
+    a kink of the hard sigmoids (0 or 1), with its float64 value. G as each run computed it: ours
+    with the CPU fast path's kernels on the live rows (as optimize runs it); theirs with our plain
+    form, a stand-in for their einsums (which may round an ulp differently). An entry on different
+    sides of a kink in the two runs gets different sigmoid slopes (1 against 0 or 0.01), so that
+    step's gradients differ by about one row's share, 1/B."""
+    import spd
+
+    runs = {f.stem: torch.load(f, weights_only=True)["record"] for f in sorted(out.glob("*.pt"))}
+    if "theirs" not in runs or len(runs) < 2 or any(len(r) < 2 or sorted(r)[1] != 1 for r in runs.values()):
+        raise SystemExit(f"{out} needs theirs.pt and an ours_<mode>.pt recorded with --every 1")
+    theirs, report, prev = runs["theirs"], [], 0.0
+    for s in sorted(theirs)[1:]:
+        x = stream(seed, s, spec)[0]
+        acts = dec.target_forward(x)[1]
+        row = {"step": s, "entries": []}
+        for side, rec in runs.items():
+            if side != "theirs":
+                row[f"{side} vs theirs"] = max(float((v - theirs[s]["params"][k]).norm() / theirs[s]["params"][k].norm())
+                                               for k, v in rec[s]["params"].items())
+            load_theirs(dec, rec[s - 1]["params"])
+            live = spd.live_rows(acts) if side != "theirs" and spd.fast_path(dec) else None
+            with torch.no_grad():
+                for name in dec.names:
+                    G, G64 = dec.ci_raw(name, acts[name]), dec.double().ci_raw(name, acts[name].double())
+                    dec.float()
+                    if live is not None and dec.ci_fn == "scalar":  # the fast path's values, as the run had them
+                        a, ci_fn = acts[name][live], dec.ci_fns[name.replace(".", "/")]
+                        G[live] = spd.scalar_gamma(ci_fn, dec.inner(name, a), spd.nonzero_rows(a))
+                        G[~live] = spd.scalar_gamma_at_zero(ci_fn)
+                    for kink in (0.0, 1.0):
+                        for n, c in ((G - kink).abs() <= tol).nonzero().tolist():
+                            row["entries"].append({"side": side, "matrix": name, "row": n, "subcomponent": c, "kink": kink,
+                                                   "float32 G - kink": (G[n, c] - kink).item(), "float64 G - kink": (G64[n, c] - kink).item()})
+        worst = max(v for k, v in row.items() if k.endswith("vs theirs"))
+        if row["entries"] or worst > 3 * prev:
+            report.append(row)
+            print(f"step {s}: parameters part by {worst:.1e} after it" + "".join(
+                f"\n  {e['side']:>14s} {e['matrix']} row {e['row']} subcomponent {e['subcomponent']}: G - {e['kink']:g} = "
+                f"{e['float32 G - kink']:+.2e} (float32), {e['float64 G - kink']:+.2e} (float64)" for e in row["entries"]))
+        prev = worst
+    (out / "kinks.json").write_text(json.dumps(report, indent=1))
 
 
 # ================================================================================================
@@ -1003,7 +1052,8 @@ def main(argv=None) -> None:
     tr.add_argument("--target_args", default="", type=shlex.split,
                     help='more train.py flags, as one string: --target_args="--n_features 10 --n_hidden 3 --C 20"')
     tj = sub.choices["trajectory"]
-    tj.add_argument("--side", required=True, choices=("ours", "theirs", "compare"))
+    tj.add_argument("--side", required=True, choices=("ours", "theirs", "compare", "kinks"),
+                    help="kinks: where two runs recorded with --every 1 part, and the inputs near a kink (near_kinks)")
     tj.add_argument("--out", required=True, help="folder of the two sides' records (ours_<mode>.pt, theirs.pt)")
     tj.add_argument("--steps", type=int, required=True, help="the run's length (its lr schedule's too)")
     tj.add_argument("--every", type=int, default=1000, help="record the parameters after every this many steps")

@@ -18,7 +18,10 @@ authors' package, found through --ref.
 `step`: one optimisation step of the authors' own `optimize` (steps=1) and of ours on identical
 inputs; prints every causal importance, loss term, gradient and updated parameter side by side.
 `train`: a full decomposition by the authors' `optimize` of our preset target, written as a run
-folder of ours, so that `train.py --evaluate_only` measures it with our evaluation.
+folder of ours, so that `train.py --evaluate_only` measures it with our evaluation. Every
+--checkpoint_every steps it saves their parameters, AdamW state and random state; `--resume`
+continues a stopped run from there with the same numbers as an unbroken run (their runs last hours
+on a CPU; `--stop_at K` ends one after step K on purpose).
 `trajectory`: both codes for a whole run from our initial state for --seed on one shared stream of
 batches and mask draws (`stream`), each side in its own process (run them side by side); `compare`
 prints how far apart they are at every recorded step and evaluates both final decompositions.
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -707,6 +711,15 @@ def cmd_step(args) -> None:
         Path(args.report).write_text(json.dumps({k: v for k, v in report.items() if k != "theirs"}, indent=1))
 
 
+def fingerprint(job: dict) -> str:
+    """A hash of what a run of theirs depends on (target weights, their config): a checkpoint resumes
+    only the run it was written by."""
+    h = hashlib.sha256(json.dumps(job["config"], sort_keys=True).encode())
+    for k, v in sorted(job["target"]["state"].items()):
+        h.update(k.encode() + v.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def cmd_train(args) -> None:
     """Their optimize on our preset target (trained or loaded by train.py's cache), written as our run."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -717,21 +730,38 @@ def cmd_train(args) -> None:
     torch.set_num_threads(args.threads)
     target, tcfg, cfg = preset(args.model, *args.target_args)
     steps = args.steps or cfg.steps
+    if args.stop_at is not None and not 0 < args.stop_at < steps:
+        raise SystemExit(f"--stop_at {args.stop_at}: pass a step between 1 and the run's {steps - 1}")
     cfg = spd.SPDConfig(**{**vars(cfg), "steps": steps, "seed": args.seed})
     out = Path(args.out)
     if (out / "metrics.json").exists():
         raise SystemExit(f"{out} holds a finished run; pass another --out")
-    out.mkdir(parents=True, exist_ok=True)
     job = {"target": target_to_theirs(args.model, target), "config": their_config(args.model, cfg, args.seed, steps),
            "out_dir": str((out / "theirs").resolve()), "tied": bool(getattr(target, "tied_weights", None)),
-           "device": args.device}
-    t0 = time.time()
+           "device": args.device, "checkpoint_every": args.checkpoint_every, "stop_at": args.stop_at}
+    job["fingerprint"] = fingerprint(job)
+    checkpoint = out / "theirs" / "checkpoint.pt"
+    if args.resume:
+        if not checkpoint.exists():
+            raise SystemExit(f"--resume: {checkpoint} does not exist; run without --resume to start this run")
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)  # ours; their lr is a numpy float
+        if saved["fingerprint"] != job["fingerprint"]:
+            raise SystemExit(f"--resume: {checkpoint} was written for another target or config; "
+                             "pass the flags of the run that wrote it")
+        job["resume"] = str(checkpoint.resolve())
+        print(f"resuming their run at step {saved['step']} of {steps}")
+    elif checkpoint.exists():
+        raise SystemExit(f"{checkpoint} holds a stopped run; pass --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
     run_theirs("train", job, args.ref, args.ref_python)
-    seconds = time.time() - t0
+    if not (out / "theirs" / f"model_{steps}.pth").exists():
+        print(f"their run stopped at step {args.stop_at}; continue it with the same command and --resume")
+        return
+    losses = json.loads((out / "theirs" / "final_losses.json").read_text())
+    seconds = losses.pop("seconds")  # their optimize's wall time, summed over resumed parts
     state = torch.load(out / "theirs" / f"model_{steps}.pth", map_location="cpu", weights_only=True)
     dec = spd.Decomposition.from_config(target, cfg)
     load_theirs(dec, state)
-    losses = json.loads((out / "theirs" / "final_losses.json").read_text())
     run_config = {"model": args.model, "spd": vars(cfg), "target": tcfg, "code": train.code_version(),
                   "command": "python parity.py " + shlex.join(sys.argv[1:]),
                   "theirs": {"commit": REF_COMMIT, "config": job["config"]}}
@@ -992,8 +1022,18 @@ def _theirs_init(job: dict) -> None:
     torch.save({"states": states, "batches": batches}, job["result"])
 
 
+class _Stop(Exception):
+    pass
+
+
 def _theirs_train(job: dict) -> None:
-    """Their decomposition script's path (set_seed, their dataset, optimize) on our target."""
+    """Their decomposition script's path (set_seed, their dataset, optimize) on our target. Checkpoints
+    (their ComponentModel's state, their AdamW's state, the random states, after an optimizer step)
+    come from wrapping their AdamW; a resumed run loads one where their loop begins and starts the
+    loop at the checkpoint's step. Nothing else in their loop carries state from step to step (their
+    data loader draws each batch fresh from the global generator; the alive counts only log)."""
+    import time
+
     import spd.run_spd as run_spd
     from spd.configs import Config
     from spd.utils import set_seed
@@ -1002,8 +1042,11 @@ def _theirs_train(job: dict) -> None:
     set_seed(config.seed)
     out_dir = Path(job["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = {}
-    calc_losses = run_spd.calculate_losses
+    checkpoint, t0 = out_dir / "checkpoint.pt", time.time()
+    start = torch.load(job["resume"], weights_only=False) if job.get("resume") else None
+    prior = start["seconds"] if start else 0.0
+    final, held = {}, {}
+    calc_losses, their_component_model, their_tqdm = run_spd.calculate_losses, run_spd.ComponentModel, run_spd.tqdm
 
     def record_losses(**kw):  # keeps the last step's terms for our metrics.json
         total, terms = calc_losses(**kw)
@@ -1011,12 +1054,54 @@ def _theirs_train(job: dict) -> None:
         final.update({k.removeprefix("loss/"): v for k, v in terms.items()}, total=total.item())
         return total, terms
 
-    run_spd.calculate_losses = record_losses
+    def capture_model(*a, **kw):
+        held["model"] = their_component_model(*a, **kw)
+        return held["model"]
+
+    def random_states():
+        return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    class CheckpointedAdamW(torch.optim.AdamW):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            held["optimizer"], self.done = self, start["step"] if start else 0
+
+        def step(self, *a, **kw):
+            result = super().step(*a, **kw)
+            self.done += 1  # their loop's next step is `done`
+            if self.done % job["checkpoint_every"] == 0 or self.done == job["stop_at"]:
+                saved = {"step": self.done, "model": held["model"].state_dict(), "optimizer": self.state_dict(),
+                         "random": random_states(), "seconds": prior + time.time() - t0,
+                         "fingerprint": job["fingerprint"]}
+                torch.save(saved, checkpoint.with_suffix(".tmp"))
+                os.replace(checkpoint.with_suffix(".tmp"), checkpoint)
+            if self.done == job["stop_at"]:
+                raise _Stop
+            return result
+
+    class ResumedTqdm(their_tqdm):
+        def __init__(self, iterable, **kw):
+            if start:
+                state = held["model"].state_dict()
+                for k, v in start["model"].items():
+                    state[k].copy_(v)
+                held["optimizer"].load_state_dict(start["optimizer"])
+                torch.set_rng_state(start["random"]["cpu"])
+                if start["random"]["cuda"]:
+                    torch.cuda.set_rng_state_all(start["random"]["cuda"])
+                iterable = iterable[start["step"]:]
+            super().__init__(iterable, initial=start["step"] if start else 0, total=config.steps + 1, **kw)
+
+    run_spd.calculate_losses, run_spd.ComponentModel, run_spd.tqdm = record_losses, capture_model, ResumedTqdm
+    run_spd.optim.AdamW = CheckpointedAdamW
     loader = _their_loader(job)
-    run_spd.optimize(target_model=_their_target(job), config=config, device=job.get("device", "cpu"),
-                     train_loader=loader, eval_loader=loader, n_eval_steps=config.n_eval_steps, out_dir=out_dir,
-                     tied_weights=_their_tied(job))  # their loop moves the model and each batch to the device
-    (out_dir / "final_losses.json").write_text(json.dumps(final))
+    try:
+        run_spd.optimize(target_model=_their_target(job), config=config, device=job.get("device", "cpu"),
+                         train_loader=loader, eval_loader=loader, n_eval_steps=config.n_eval_steps, out_dir=out_dir,
+                         tied_weights=_their_tied(job))  # their loop moves the model and each batch to the device
+    except _Stop:
+        return
+    (out_dir / "final_losses.json").write_text(json.dumps({**final, "seconds": prior + time.time() - t0}))
 
 
 def main(argv=None) -> None:
@@ -1051,6 +1136,9 @@ def main(argv=None) -> None:
                     help="where their optimize runs (their code on a GPU: for runs too long for a CPU)")
     tr.add_argument("--target_args", default="", type=shlex.split,
                     help='more train.py flags, as one string: --target_args="--n_features 10 --n_hidden 3 --C 20"')
+    tr.add_argument("--checkpoint_every", type=int, default=500, help="save their run's state every this many steps")
+    tr.add_argument("--resume", action="store_true", help="continue the stopped run in --out from its checkpoint")
+    tr.add_argument("--stop_at", type=int, help="stop after this step (and its checkpoint); continue later with --resume")
     tj = sub.choices["trajectory"]
     tj.add_argument("--side", required=True, choices=("ours", "theirs", "compare", "kinks"),
                     help="kinks: where two runs recorded with --every 1 part, and the inputs near a kink (near_kinks)")

@@ -10,6 +10,7 @@ results/parity.md has the comparison in full. The authors' code is not needed he
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,48 @@ def test_200_steps_follow_the_authors_code_on_one_shared_stream():
             diffs = {k: d for k, d in diffs.items() if k.startswith("loss")}
         bad = {k: d for k, d in diffs.items() if not d < TRAJECTORY_TOL}
         assert not bad, f"step {s}: differs from the authors' code: {bad}"
+
+
+REF, REF_PYTHON = os.environ.get("SPD_REF"), os.environ.get("SPD_REF_PYTHON")
+
+
+def their_train(out, *flags, target_dir):
+    parity.main(["train", "--model", "tms_5-2", "--seed", "0", "--steps", "40", "--checkpoint_every", "10",
+                 f"--target_args=--target_dir {target_dir}", "--ref", REF or "none", "--ref_python",
+                 REF_PYTHON or "none", "--out", str(out), *flags])
+
+
+def test_parity_train_refuses_to_overwrite_or_mix_checkpoints(tmp_path):
+    """The checks before their code runs (no authors' code needed): a stopped run is never restarted
+    over, --resume needs a checkpoint, and a checkpoint resumes only the run (target, config) it came from."""
+    targets, out = tmp_path / "targets", tmp_path / "run"
+    with pytest.raises(SystemExit, match="does not exist; run without --resume"):
+        their_train(out, "--resume", target_dir=targets)
+    (out / "theirs").mkdir(parents=True)
+    torch.save({"step": 10, "fingerprint": "another run"}, out / "theirs" / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="holds a stopped run; pass --resume"):
+        their_train(out, target_dir=targets)
+    with pytest.raises(SystemExit, match="written for another target or config"):
+        their_train(out, "--resume", target_dir=targets)
+    with pytest.raises(SystemExit, match="--stop_at 40: pass a step between 1"):
+        their_train(tmp_path / "other", "--stop_at", "40", target_dir=targets)
+    assert torch.load(out / "theirs" / "checkpoint.pt")["fingerprint"] == "another run"
+
+
+@pytest.mark.skipif(not (REF and REF_PYTHON), reason="needs the authors' code: set SPD_REF and SPD_REF_PYTHON")
+def test_a_resumed_run_of_theirs_ends_where_an_unbroken_one_does(tmp_path):
+    """parity.py train stopped after step 25 (between checkpoints) and resumed ends with the same
+    parameters as one unbroken 40-step run, to the bit (TMS 5-2: tied matrices, two AdamW states).
+    Without restoring the random state they differ by 1e-3."""
+    targets = tmp_path / "targets"
+    their_train(tmp_path / "full", target_dir=targets)
+    their_train(tmp_path / "split", "--stop_at", "25", target_dir=targets)
+    assert not (tmp_path / "split" / "metrics.json").exists()
+    their_train(tmp_path / "split", "--resume", target_dir=targets)
+    full, split = (torch.load(tmp_path / r / "theirs" / "model_40.pth") for r in ("full", "split"))
+    assert full.keys() == split.keys() and all(torch.equal(full[k], split[k]) for k in full)
+    losses = [json.loads((tmp_path / r / "metrics.json").read_text())["final_losses"] for r in ("full", "split")]
+    assert losses[0] == losses[1]
 
 
 def test_fixtures_cover_the_issue_models():

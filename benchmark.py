@@ -244,11 +244,10 @@ def main():
                 rows.append(r)
                 print(f"{preset:14s} {r['ci_fn']:9s} {str(seq_len or '-'):>5s} {r['ms_per_step']:10.1f} "
                       f"{r['it_per_s']:7.2f} {r['peak_gb']:8.2f}  {r['path']}", flush=True)
+                if args.json:  # after every row, so that a run stopped by a time limit keeps what it measured
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
     if rows:
         print(f"device: {rows[0]['device']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

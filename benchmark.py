@@ -206,6 +206,9 @@ def main():
     ap.add_argument("--compile", action="store_true", help="time spd_losses under torch.compile (an experiment; train.py does not use it)")
     ap.add_argument("--params", action="store_true",
                     help="only count the trained parameters and their fp32 training state (nothing is run)")
+    ap.add_argument("--processes", type=int, default=None, metavar="N",
+                    help="with --params: also the state per process with N processes and --shard_optimizer "
+                         "(weights and gradients whole, Adam's moments split: 8 + 8/N bytes per parameter)")
     ap.add_argument("--against", default=None, metavar="DIR",
                     help="compare with another checkout of this project (e.g. `git worktree add /tmp/old COMMIT`)")
     ap.add_argument("--reference", default=None, metavar="DIR",
@@ -216,13 +219,17 @@ def main():
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.params:
-        print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'U,V (M)':>9s} {'CI (M)':>9s} {'state GB':>9s}")
+        if args.processes is not None and args.processes < 1:
+            raise SystemExit(f"--processes must be at least 1, got {args.processes}")
+        sharded = f"  sharded over {args.processes}, GB" if args.processes else ""
+        print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'U,V (M)':>9s} {'CI (M)':>9s} {'state GB':>9s}{sharded}")
         for preset in args.presets:
             for ci_fn in args.ci_fns:
                 for seq_len in args.seq_lens:
                     r = count_one(preset, ci_fn, seq_len)
+                    per_process = (f"  {r['state_gb'] * (8 + 8 / args.processes) / 16:>20.3g}" if args.processes else "")
                     print(f"{preset:14s} {r['ci_fn']:9s} {str(seq_len or '-'):>5s} {r['uv_params'] / 1e6:9.4g} "
-                          f"{r['ci_params'] / 1e6:9.4g} {r['state_gb']:9.3g}")
+                          f"{r['ci_params'] / 1e6:9.4g} {r['state_gb']:9.3g}{per_process}")
         return
     if args._one:  # child process: one configuration
         preset, ci_fn, seq_len = args._one

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go (each step has its own time limit, so that one hang cannot eat the rest;
-# together at most 8 minutes on a one-GPU machine, 9 with two GPUs):
+# together at most 8 minutes on a one-GPU machine, 10 with two GPUs):
 #   1. the cuda tests (test_cuda.py: one step against the CPU, short runs, save on CUDA / load on CPU,
 #      host-device syncs of the training step)
 #   2. benchmark.py --device cuda: every toy preset; induction at lengths 16, 64, 1024 with scalar,
 #      vector and attention CI (the transformer paper's Table 2: 12, 13, 10 it/s at 64); GPT-2 (3 steps)
-#   3. a 2-process nccl run (torchrun) if two GPUs are present
+#   3. 2-process nccl runs (torchrun), plain and with --shard_optimizer, if two GPUs are present
 #   4. resid_mlp3 at the paper's settings for 2000 steps, its time extrapolated to the paper's 200k
 #      (goal: under 30 minutes on one H100); its target trains 1000 steps instead of 10k (a step of the
 #      decomposition costs the same on any target, and the time is the decomposition's alone)
@@ -42,6 +42,10 @@ if (( N_GPU >= 2 )); then
   step "2 processes, nccl"
   timeout 60 $PY -m torch.distributed.run --standalone --nproc_per_node 2 train.py --model tms_5-2 --steps 2000 \
       --device cuda --out "$RUNS/nccl_tms_5-2" --no_progress --log_every 500 | tail -n 5
+  step "2 processes, nccl, --shard_optimizer (checkpoints consolidate Adam's state over nccl)"
+  timeout 45 $PY -m torch.distributed.run --standalone --nproc_per_node 2 train.py --model tms_5-2 --steps 500 \
+      --device cuda --out "$RUNS/nccl_sharded_tms_5-2" --shard_optimizer --save_every 250 --no_progress \
+      --log_every 250 | tail -n 5
 fi
 
 step "resid_mlp3, 2000 steps of the paper's 200k"
@@ -62,7 +66,8 @@ summary["tests"] = tests[-1] if tests else "did not run"
 for name in ("toy", "induction", "gpt2"):
     path = res / f"gpu_benchmark_{name}.json"
     summary[f"benchmark_{name}"] = json.loads(path.read_text()) if path.exists() else "did not finish"
-for run, steps, full in (("resid_mlp3", 2000, 200_000), ("nccl_tms_5-2", 2000, None), ("apd_resid_mlp1", 200, 40_000)):
+for run, steps, full in (("resid_mlp3", 2000, 200_000), ("nccl_tms_5-2", 2000, None), ("nccl_sharded_tms_5-2", 500, None),
+                         ("apd_resid_mlp1", 200, 40_000)):
     m = Path(f"runs/gpu_check/{run}/metrics.json")
     if m.exists():
         metrics = json.loads(m.read_text())

@@ -30,9 +30,10 @@ Sections, in the order of SPD Algorithm 1 (readers cite them by letter):
                                     h = a V^T shared, a fused scalar Γ (optimize uses it on a CPU)
 
 Deliberately not supported: embedding matrices, adversarial (PGD) masks, the "delta component"
-and faithfulness warm-up of the authors' later code, sharding the decomposition over GPUs (FSDP).
-Data parallelism over processes (torchrun) is in section H: each process takes an equal share of the
-batch and the gradients are averaged, which is the one-process step on the whole batch.
+and faithfulness warm-up of the authors' later code, sharding U, V and their gradients over GPUs
+(FSDP; README says why). Data parallelism over processes (torchrun) is in section H: each process
+takes an equal share of the batch and the gradients are averaged, which is the one-process step on
+the whole batch; Adam's moments can be split over the processes (make_optimizer's shard).
 """
 
 from __future__ import annotations
@@ -706,12 +707,25 @@ def split_batch(batch) -> tuple[object, torch.Tensor | None]:
     return batch if isinstance(batch, tuple) else (batch, None)
 
 
-def make_optimizer(dec: Decomposition, cfg: SPDConfig) -> torch.optim.AdamW:
+def make_optimizer(dec: Decomposition, cfg: SPDConfig, shard: bool = False) -> torch.optim.Optimizer:
     """AdamW over U, V and Γ (weight decay 0 = the paper's Adam), in one fused kernel on CPU and
-    CUDA; aliased parameters (tied_updates="separate") are updated one after the other instead."""
+    CUDA; aliased parameters (tied_updates="separate") are updated one after the other instead.
+    shard (data parallel only): torch's ZeroRedundancyOptimizer (ZeRO stage 1), the same AdamW
+    update, but each process keeps Adam's moments for its share of the parameters only, updates that
+    share and broadcasts it: 8 + 8/N bytes of training state per parameter instead of 16."""
     params = dec.parameters_to_train()
     kernel = {"foreach": False} if dec._aliases else {"fused": params[0].device.type in ("cpu", "cuda")}
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
+    if not shard:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
+    if world_size() == 1:
+        raise ValueError("shard_optimizer shards Adam's state over the processes of a torch.distributed job; this "
+                         "is one process: start it with torchrun --nproc_per_node N (N >= 2), or drop the flag")
+    if dec._aliases:
+        raise ValueError("shard_optimizer cannot split tied matrices updated one after the other "
+                         "(tied_updates='separate'); use tied_updates='shared', or drop the flag")
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=cfg.lr,
+                                   weight_decay=cfg.weight_decay, **kernel)
 
 
 def check_config(dec: Decomposition, cfg: SPDConfig | dict, Config=SPDConfig, architecture=ARCHITECTURE) -> None:
@@ -750,17 +764,27 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def average_over_processes_(tensors: list[torch.Tensor]) -> None:
-    """Data parallelism: replaces each tensor, in place, by its mean over the processes (one
-    all-reduce of them all, flattened). Every loss is a mean over the batch (faithfulness does not
-    depend on it), so the mean of the processes' gradients on equal shares of a batch is the gradient
-    on the whole batch."""
+def average_over_processes_(tensors: list[torch.Tensor], bucket: int = 2**25) -> None:
+    """Data parallelism: replaces each tensor, in place, by its mean over the processes. Every loss
+    is a mean over the batch (faithfulness does not depend on it), so the mean of the processes'
+    gradients on equal shares of a batch is the gradient on the whole batch. One all-reduce per
+    bucket of tensors flattened together, of up to `bucket` numbers (128 MB in float32; a larger
+    tensor is reduced alone, in place): few messages, and no copy of all the gradients at once."""
     import torch.distributed as dist
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(v.view_as(t))
+    groups, size = [[]], 0
+    for t in tensors:
+        if groups[-1] and size + t.numel() > bucket:
+            groups, size = groups + [[]], 0
+        groups[-1].append(t)
+        size += t.numel()
+    for group in groups:
+        alone = len(group) == 1 and group[0].is_contiguous()
+        flat = group[0] if alone else torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        if not alone:
+            for t, v in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(v.view_as(t))
 
 
 def broadcast_from_first_process_(tensors: list[torch.Tensor]) -> None:
@@ -773,7 +797,8 @@ def broadcast_from_first_process_(tensors: list[torch.Tensor]) -> None:
 def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple], cfg: SPDConfig,
              log: Callable[[int, dict], None] | None = None, log_every: int = 1000,
              checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None, save_every: int = 0,
-             progress: bool = True, start_step: int = 0, opt_state: dict | None = None) -> dict[str, float]:
+             progress: bool = True, start_step: int = 0, opt_state: dict | None = None,
+             shard_optimizer: bool = False) -> dict[str, float]:
     """SPD Algorithm 1's training loop: AdamW (make_optimizer) over U, V and Γ.
     batch_fn(batch_size) returns inputs x, or (x, valid) with valid [B, S] marking real positions.
     Calls log(step, losses) every log_every steps and checkpoint(step, optimizer) every save_every
@@ -786,7 +811,10 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     Under torch.distributed (torchrun, N processes): each process calls optimize, batch_fn(batch_size
     / N) draws its own share (seed it per process), gradients and the checked and logged losses are
     averaged over the processes; log, checkpoint and progress are the caller's to give to one process
-    only (checkpoint is called on every process). Ctrl-C is left to torchrun (it stops every process)."""
+    only (checkpoint is called on every process). Ctrl-C is left to torchrun (it stops every process).
+    shard_optimizer: each process keeps Adam's moments of its share of the parameters only (see
+    make_optimizer); checkpoint's optimizer then needs consolidate_state_dict() on every process before
+    state_dict() on process 0, which gives AdamW's own format: a run resumes with or without sharding."""
     from tqdm import tqdm
 
     check_config(dec, cfg)
@@ -795,7 +823,7 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
     if cfg.batch_size % world:
         raise ValueError(f"--batch_size {cfg.batch_size} does not split evenly over {world} processes; "
                          f"use a multiple of {world}")
-    opt = make_optimizer(dec, cfg)
+    opt = make_optimizer(dec, cfg, shard=shard_optimizer)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     params = dec.parameters_to_train()

@@ -41,8 +41,9 @@ def _global_batch(step: int) -> torch.Tensor:  # the same stream of whole batche
     return models.sparse_features(B, 5, 0.2, (0.0, 1.0), torch.Generator().manual_seed(step))
 
 
-def _run(rank: int, world: int, cfg, shard: bool) -> dict:
-    """optimize on this process's share (rows rank::world of each whole batch, shard) or on all of it."""
+def _run(rank: int, world: int, cfg, shard: bool, shard_optimizer: bool = False) -> dict:
+    """optimize on this process's share (rows rank::world of each whole batch, shard) or on all of it;
+    also the numbers of Adam's first moment this process holds, and (process 0) the optimizer's state."""
     torch.set_num_threads(1)
     dec = _decomposition(cfg)
     step = [0]
@@ -53,24 +54,34 @@ def _run(rank: int, world: int, cfg, shard: bool) -> dict:
         assert b == (B // world if shard else B)
         return x[rank * b:(rank + 1) * b] if shard else x
 
-    logged = []
+    logged, held = [], {}
+
+    def checkpoint(step, opt):  # optimize calls it on every process at the end
+        local = opt.optim if shard_optimizer else opt  # ZeroRedundancyOptimizer's own AdamW, over its share
+        held["adam_numbers"] = sum(s["exp_avg"].numel() for s in local.state.values())
+        if shard_optimizer:
+            opt.consolidate_state_dict(to=0)
+        held["optimizer"] = opt.state_dict() if rank == 0 else None
+
     torch.manual_seed(100 + rank)  # masks: each process its own draws
-    final = spd.optimize(dec, batch_fn, cfg, log=lambda s, l: logged.append(l), log_every=10, progress=False)
-    return {"UV": {n: [t.detach().clone() for t in dec.UV(n)] for n in dec.names}, "final": final, "logged": logged}
+    final = spd.optimize(dec, batch_fn, cfg, log=lambda s, l: logged.append(l), log_every=10, progress=False,
+                         checkpoint=checkpoint, shard_optimizer=shard_optimizer)
+    return {"UV": {n: [t.detach().clone() for t in dec.UV(n)] for n in dec.names}, "final": final, "logged": logged,
+            **held}
 
 
-def _worker(rank: int, world: int, port: int, out: str, cfg_kw: dict) -> None:
+def _worker(rank: int, world: int, port: int, out: str, cfg_kw: dict, shard_optimizer: bool) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.save(_run(rank, world, _cfg(**cfg_kw), shard=True), f"{out}/rank{rank}.pt")
+        torch.save(_run(rank, world, _cfg(**cfg_kw), shard=True, shard_optimizer=shard_optimizer), f"{out}/rank{rank}.pt")
         dist.barrier()  # nothing in flight at teardown
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, cfg_kw) -> list[dict]:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), cfg_kw), nprocs=2, join=True)
+def _spawn(tmp_path, cfg_kw, shard_optimizer=False) -> list[dict]:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), cfg_kw, shard_optimizer), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -106,6 +117,51 @@ def test_with_random_masks_the_replicas_stay_identical(tmp_path):
     assert ranks[0]["final"] == ranks[1]["final"]
 
 
+def test_sharded_adam_takes_the_same_steps_and_each_process_holds_a_share(tmp_path):
+    """shard_optimizer (torch's ZeroRedundancyOptimizer): 2 processes take the one-process run's 30
+    steps (tolerance 1e-5 as above), each holds Adam's moments for part of the parameters only, and
+    process 0's consolidated state is the one-process AdamW's, in its format (rtol 1e-4: the same
+    float32 summation order as above, in moments that are squares of gradients)."""
+    ranks = _spawn(tmp_path, DETERMINISTIC, shard_optimizer=True)
+    single = _run(0, 1, _cfg(**DETERMINISTIC), shard=False)
+    for name in single["UV"]:
+        for a, b, one in zip(ranks[0]["UV"][name], ranks[1]["UV"][name], single["UV"][name]):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, one, atol=1e-5, rtol=0)
+    shares = [r["adam_numbers"] for r in ranks]
+    assert sum(shares) == single["adam_numbers"] and 0 < min(shares), shares
+    sharded, plain = ranks[0]["optimizer"], single["optimizer"]
+    assert sharded["param_groups"] == plain["param_groups"] and sharded["state"].keys() == plain["state"].keys()
+    for i, state in plain["state"].items():
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sharded["state"][i][k], state[k], rtol=1e-4, atol=1e-10)
+
+
+def _rank_tensors(rank: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    return [torch.randn(n, generator=g) for n in (3, 2, 7, 1, 4)] + [torch.randn(4, 3, generator=g).T]
+
+
+def _average_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        tensors = _rank_tensors(rank)
+        spd.average_over_processes_(tensors, bucket=5)  # buckets: [3, 2], [7] alone, [1, 4], [3x4, not contiguous]
+        torch.save(tensors, f"{out}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradient_averaging_in_buckets_gives_the_mean(tmp_path):
+    mp.spawn(_average_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    averaged = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for a, b, t0, t1 in zip(*averaged, _rank_tensors(0), _rank_tensors(1)):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, (t0 + t1) / 2)
+
+
 def test_optimize_refuses_a_batch_that_does_not_split(tmp_path, monkeypatch):
     monkeypatch.setattr(spd, "world_size", lambda: 3)
     with pytest.raises(ValueError, match="--batch_size 64 does not split evenly over 3 processes"):
@@ -125,6 +181,12 @@ def _cli_worker(rank: int, world: int, port: int, argv: list, fail_at: int | Non
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    make_optimizer = spd.make_optimizer
+
+    def checked(dec, cfg, shard=False):  # the flag reaches the optimizer
+        assert shard == ("--shard_optimizer" in argv)
+        return make_optimizer(dec, cfg, shard)
+    spd.make_optimizer = checked
     if fail_at is not None:
         lr_at = spd.lr_at
 
@@ -166,10 +228,31 @@ def test_cli_under_torchrun_writes_one_run_folder_and_a_killed_run_resumes_exact
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cli_shard_optimizer_takes_the_same_steps_bit_for_bit_and_resumes(tmp_path):
+    """--shard_optimizer, killed at step 13 and resumed from its step-10 checkpoint (AdamW's format,
+    consolidated by process 0): the same U, V, bit for bit, as an unsharded 2-process run. Each process
+    updates its share with the same averaged gradients and the same elementwise AdamW."""
+    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "plain"), None), nprocs=2, join=True)
+    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "sharded", "--shard_optimizer"), 13), nprocs=2, join=True)
+    sharded = tmp_path / "sharded"
+    adam = torch.load(sharded / "train_state.pt", weights_only=True)["optimizer"]
+    assert spd.read_config(sharded)["step"] == 10 and len(adam["state"]) == len(adam["param_groups"][0]["params"])
+    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "sharded", "--shard_optimizer", "--resume"), None),
+             nprocs=2, join=True)
+    a, b = (spd.read_tensors(d / "decomposition.pt") for d in (tmp_path / "plain", sharded))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cli_refuses_what_data_parallelism_does_not_cover(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="--shard_optimizer shards Adam's state over torchrun's processes; this is one"):
+        train.main(_argv(tmp_path, "w", "--shard_optimizer"))
+    with pytest.raises(ValueError, match="shard_optimizer shards Adam's state .* this is one process"):
+        spd.optimize(_decomposition(_cfg()), lambda b: _global_batch(0), _cfg(), progress=False, shard_optimizer=True)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--batch_size 63 does not split evenly over 2 processes"):
         train.main(_argv(tmp_path, "x", "--batch_size", "63"))
     with pytest.raises(SystemExit, match="runs in one process only"):
         train.main(_argv(tmp_path, "y", "--method", "apd"))
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    with pytest.raises(SystemExit, match="--shard_optimizer cannot split tied matrices"):
+        train.main(_argv(tmp_path, "z", "--shard_optimizer", "--tied_updates", "separate"))
+    assert not any((tmp_path / d).exists() for d in "wxyz")

@@ -153,6 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--evaluate_only", action="store_true",
                     help="reload the finished run in --out (same flags) and recompute its metrics and figures")
     ap.add_argument("--no_progress", action="store_true", help="no progress bars")
+    ap.add_argument("--shard_optimizer", action="store_true",
+                    help="torchrun: each process keeps Adam's moments for 1/N of the parameters only (ZeRO stage 1)")
     ap.add_argument("--wandb", default=None, metavar="PROJECT",
                     help="also log the loss lines, metrics and figures to this Weights & Biases project (pip install wandb)")
     ap.add_argument("--pretrained", default="gpt2", help="gpt2: HF model name or local folder")
@@ -371,15 +373,16 @@ def train_state(opt: torch.optim.Optimizer, gen: torch.Generator) -> dict | None
     the CPU thread count (matmuls round differently with another one). Data parallel: called by every
     process; process 0 gets every process's RNGs ("process_rngs") and the others None."""
     rngs = rng_states(gen)
-    state = {"optimizer": opt.state_dict(), **rngs, "threads": torch.get_num_threads()}
-    if spd.world_size() > 1:
-        import torch.distributed as dist
-        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(rngs, gathered, dst=0)
-        if dist.get_rank() != 0:
-            return None
-        state["process_rngs"] = gathered
-    return state
+    if spd.world_size() == 1:
+        return {"optimizer": opt.state_dict(), **rngs, "threads": torch.get_num_threads()}
+    import torch.distributed as dist
+    if hasattr(opt, "consolidate_state_dict"):  # --shard_optimizer: process 0 gathers the shards of Adam's state
+        opt.consolidate_state_dict(to=0)
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(rngs, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    return {"optimizer": opt.state_dict(), **rngs, "threads": torch.get_num_threads(), "process_rngs": gathered}
 
 
 def resume(args, dec, run_config: dict, out: Path, gen: torch.Generator) -> tuple[int, dict]:
@@ -471,7 +474,8 @@ def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path, wb=None)
 
         final = method.optimize(dec, lambda b: sample(b, gen), cfg, log=log if first else None,
                                 log_every=args.log_every, checkpoint=checkpoint, save_every=args.save_every,
-                                progress=first and not args.no_progress, start_step=start, opt_state=opt_state)
+                                progress=first and not args.no_progress, start_step=start, opt_state=opt_state,
+                                **({"shard_optimizer": True} if args.shard_optimizer else {}))
     except FloatingPointError as e:
         raise SystemExit(f"{e}\n{last_checkpoint(out)}")
     except spd.Interrupted as e:
@@ -614,6 +618,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--batch_size {cfg.batch_size} does not split evenly over {world} processes; use a multiple of {world}")
     if world > 1 and args.evaluate_only:
         raise SystemExit("--evaluate_only runs in one process; start it with python, not torchrun")
+    if args.shard_optimizer and world == 1:
+        raise SystemExit("--shard_optimizer shards Adam's state over torchrun's processes; this is one process: start "
+                         "it with torchrun --standalone --nproc_per_node N (N >= 2), or drop the flag")
+    if args.shard_optimizer and getattr(cfg, "tied_updates", None) == "separate":
+        raise SystemExit("--shard_optimizer cannot split tied matrices updated one after the other; "
+                         "use --tied_updates shared, or drop --shard_optimizer")
     if (out / "config.json").exists() and not (args.resume or args.evaluate_only):  # never overwrite a saved run
         if (out / "metrics.json").exists():
             raise SystemExit(f"{out} holds a finished run; add --evaluate_only to re-evaluate it, or pass another "

@@ -228,19 +228,24 @@ def test_cli_under_torchrun_writes_one_run_folder_and_a_killed_run_resumes_exact
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cli_shard_optimizer_takes_the_same_steps_bit_for_bit_and_resumes(tmp_path):
-    """--shard_optimizer, killed at step 13 and resumed from its step-10 checkpoint (AdamW's format,
-    consolidated by process 0): the same U, V, bit for bit, as an unsharded 2-process run. Each process
-    updates its share with the same averaged gradients and the same elementwise AdamW."""
-    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "plain"), None), nprocs=2, join=True)
-    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "sharded", "--shard_optimizer"), 13), nprocs=2, join=True)
-    sharded = tmp_path / "sharded"
-    adam = torch.load(sharded / "train_state.pt", weights_only=True)["optimizer"]
-    assert spd.read_config(sharded)["step"] == 10 and len(adam["state"]) == len(adam["param_groups"][0]["params"])
-    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "sharded", "--shard_optimizer", "--resume"), None),
-             nprocs=2, join=True)
-    a, b = (spd.read_tensors(d / "decomposition.pt") for d in (tmp_path / "plain", sharded))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+def test_cli_shard_optimizer_takes_the_same_steps_bit_for_bit_and_resumes_either_way(tmp_path):
+    """--shard_optimizer: the same U, V, bit for bit, as an unsharded 2-process run (each process
+    updates its share with the same averaged gradients and the same elementwise AdamW), also when
+    killed at step 13 and resumed from the step-10 checkpoint (AdamW's format, consolidated by process
+    0) without the flag, and when an unsharded run is resumed with it."""
+    def spawn(out, *flags, fail_at=None):
+        mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, out, *flags), fail_at), nprocs=2, join=True)
+
+    spawn("plain")
+    spawn("sharded", "--shard_optimizer", fail_at=13)
+    adam = torch.load(tmp_path / "sharded" / "train_state.pt", weights_only=True)["optimizer"]
+    assert spd.read_config(tmp_path / "sharded")["step"] == 10
+    assert len(adam["state"]) == len(adam["param_groups"][0]["params"])  # every parameter's moments
+    spawn("sharded", "--resume")
+    spawn("unsharded", fail_at=13)
+    spawn("unsharded", "--shard_optimizer", "--resume")
+    a, b, c = (spd.read_tensors(tmp_path / d / "decomposition.pt") for d in ("plain", "sharded", "unsharded"))
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
 
 
 def test_cli_refuses_what_data_parallelism_does_not_cover(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@
     python benchmark.py --presets tms_5-2 --compile   # spd_losses under torch.compile (an experiment)
     python benchmark.py --presets tms_5-2 --plain     # the plain spd_losses, without spd.py's section K
     python benchmark.py --presets gpt2 --ci_fns scalar vector attention --params   # will it fit? (counts only)
+    python benchmark.py --presets gpt2 --seq_lens 16 --processes 2 --shard_optimizer   # data parallel, per process
     python benchmark.py --presets tms_5-2 --against /tmp/old --rounds 8   # speedup over another checkout
     python benchmark.py --presets tms_5-2 --reference ../ref/spd --reference_python ../ref/venv/bin/python
 
@@ -16,6 +17,9 @@ whole loop iteration: batch, target pass, CI, every loss, backward, optimizer st
 the median over the timed steps after warm-up. On a CPU it times what optimize runs there (spd.py
 section K; --plain: the plain spd_losses). --reference times the authors' code on the same machine
 in alternating rounds with this one (their code runs in its own environment: see parity.py).
+--processes N: each configuration data parallel over N processes (gloo on CPU, where they share
+its threads; nccl with a GPU each), each on 1/N of the batch, as torchrun train.py runs; the row is
+process 0's, with every process's peak memory.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def build(preset: str, ci_fn: str | None, seq_len: int | None, device: torch.dev
         target = models.GPT2Logits(GPT2LMHeadModel(GPT2Config()).eval())
         S = seq_len or 8
         tokens = torch.randint(0, 50257, (cfg.batch_size, S), device=device)
-        sample = lambda b: tokens  # noqa: E731
+        sample = lambda b: tokens[:b]  # noqa: E731
     else:
         sizes = {"seq_len": seq_len} if seq_len else {}
         target, tcfg = models.build_target(preset, **sizes)
@@ -75,7 +79,8 @@ def count_one(preset: str, ci_fn: str | None, seq_len: int | None) -> dict:
             "uv_params": uv, "ci_params": ci, "state_gb": 16 * (uv + ci) / 1e9}
 
 
-def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, compile=False, plain=False) -> dict:
+def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, compile=False, plain=False,
+             shard=False) -> dict:
     import spd
 
     device = torch.device(device_name)
@@ -83,7 +88,8 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
     losses_fn = spd.spd_losses if plain or not spd.fast_path(dec) else spd.spd_losses_fast  # as optimize, unless --plain
     losses_fn = torch.compile(losses_fn) if compile else losses_fn
     warmup = 10 if compile else 2  # torch.compile recompiles over the first steps
-    opt = spd.make_optimizer(dec, cfg)
+    opt = spd.make_optimizer(dec, cfg, shard=shard)
+    world, params = spd.world_size(), dec.parameters_to_train()
     times = []
     if profile:  # the timed steps, under torch.profiler: top ops and how many ran per step
         from torch.profiler import profile as torch_profile
@@ -92,9 +98,11 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
         prof.__enter__()
     for _ in range(steps + warmup):
         t = time.perf_counter()
-        losses = losses_fn(dec, sample(cfg.batch_size), cfg, cfg.p)
+        losses = losses_fn(dec, sample(cfg.batch_size // world), cfg, cfg.p)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
+        if world > 1:  # as spd.optimize
+            spd.average_over_processes_([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -112,7 +120,44 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
     return {"preset": preset, "ci_fn": cfg.ci_fn, "seq_len": seq_len, "batch": cfg.batch_size, "C": cfg.C,
             "d_gate": cfg.d_gate, "ms_per_step": ms, "it_per_s": 1000 / ms, "peak_gb": peak / 1e9,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-            "path": "plain" if plain or not spd.fast_path(dec) else "fast (spd.py section K)"}
+            "path": "plain" if plain or not spd.fast_path(dec) else "fast (spd.py section K)",
+            "processes": world, "shard_optimizer": shard}
+
+
+def _parallel_worker(rank: int, world: int, port: int, out: str, one: tuple) -> None:
+    """One of time_parallel's processes: joins the group, times its share, writes its row."""
+    import torch.distributed as dist
+
+    preset, ci_fn, seq_len, steps, device_name, batch, shard = one
+    cuda = device_name.startswith("cuda")
+    if cuda:
+        device_name = f"cuda:{rank}"
+        torch.cuda.set_device(device_name)
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        row = time_one(preset, ci_fn, seq_len, steps, device_name, batch, shard=shard)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(row))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def time_parallel(processes: int, *one) -> dict:
+    """time_one in `processes` processes (torch.distributed); process 0's row with every process's peak."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_parallel_worker, args=(processes, port, out, one), nprocs=processes, join=True)
+        rows = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(processes)]
+    return {**rows[0], "peak_gb_per_process": [r["peak_gb"] for r in rows]}
 
 
 HERE = Path(__file__).resolve().parent
@@ -126,6 +171,7 @@ def run_child(checkout: Path, preset, ci_fn, seq_len, args) -> dict | str:
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     cmd += ["--profile"] * args.profile + ["--compile"] * args.compile + ["--plain"] * args.plain
+    cmd += ["--processes", str(args.processes or 1)] + ["--shard_optimizer"] * args.shard_optimizer
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout)
     if args.profile:
         print(res.stderr)
@@ -207,8 +253,10 @@ def main():
     ap.add_argument("--params", action="store_true",
                     help="only count the trained parameters and their fp32 training state (nothing is run)")
     ap.add_argument("--processes", type=int, default=None, metavar="N",
-                    help="with --params: also the state per process with N processes and --shard_optimizer "
-                         "(weights and gradients whole, Adam's moments split: 8 + 8/N bytes per parameter)")
+                    help="time each configuration data parallel over N processes; with --params: also the state "
+                         "per process with --shard_optimizer (Adam's moments split: 8 + 8/N bytes per parameter)")
+    ap.add_argument("--shard_optimizer", action="store_true",
+                    help="with --processes: Adam's moments split over the processes, as train.py --shard_optimizer")
     ap.add_argument("--against", default=None, metavar="DIR",
                     help="compare with another checkout of this project (e.g. `git worktree add /tmp/old COMMIT`)")
     ap.add_argument("--reference", default=None, metavar="DIR",
@@ -218,9 +266,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds for --against / --reference")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.processes is not None and args.processes < 1:
+        raise SystemExit(f"--processes must be at least 1, got {args.processes}")
+    if args.shard_optimizer and not (args.processes or 1) > 1 and not args.params:
+        raise SystemExit("--shard_optimizer splits Adam's moments over processes; add --processes N (N >= 2)")
+    if (args.processes or 1) > 1 and (args.against or args.reference or args.profile or args.compile or args.plain):
+        raise SystemExit("--processes times this checkout alone, without --against, --reference, --profile, "
+                         "--compile or --plain")
     if args.params:
-        if args.processes is not None and args.processes < 1:
-            raise SystemExit(f"--processes must be at least 1, got {args.processes}")
         sharded = f"  sharded over {args.processes}, GB" if args.processes else ""
         print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'U,V (M)':>9s} {'CI (M)':>9s} {'state GB':>9s}{sharded}")
         for preset in args.presets:
@@ -233,8 +286,10 @@ def main():
         return
     if args._one:  # child process: one configuration
         preset, ci_fn, seq_len = args._one
-        row = time_one(preset, None if ci_fn == "-" else ci_fn, None if seq_len == "-" else int(seq_len),
-                       args.steps, args.device, args.batch, args.profile, args.compile, args.plain)
+        one = (preset, None if ci_fn == "-" else ci_fn, None if seq_len == "-" else int(seq_len), args.steps,
+               args.device, args.batch)
+        row = (time_parallel(args.processes, *one, args.shard_optimizer) if (args.processes or 1) > 1 else
+               time_one(*one, args.profile, args.compile, args.plain))
         print("ROW " + json.dumps(row))
         return
     if args.against or args.reference:
@@ -249,8 +304,11 @@ def main():
                     print(f"{preset:14s} {ci_fn or 'preset':9s} {str(seq_len or '-'):>5s} failed: {r}", flush=True)
                     continue
                 rows.append(r)
+                where = r["path"] if r.get("processes", 1) == 1 else (
+                    f"{r['processes']} processes{', --shard_optimizer' if r['shard_optimizer'] else ''}, peak GB each: "
+                    + " ".join(f"{g:.2f}" for g in r["peak_gb_per_process"]))
                 print(f"{preset:14s} {r['ci_fn']:9s} {str(seq_len or '-'):>5s} {r['ms_per_step']:10.1f} "
-                      f"{r['it_per_s']:7.2f} {r['peak_gb']:8.2f}  {r['path']}", flush=True)
+                      f"{r['it_per_s']:7.2f} {r['peak_gb']:8.2f}  {where}", flush=True)
                 if args.json:  # after every row, so that a run stopped by a time limit keeps what it measured
                     Path(args.json).write_text(json.dumps(rows, indent=1))
     if rows:

@@ -261,3 +261,11 @@ def test_cli_refuses_what_data_parallelism_does_not_cover(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="--shard_optimizer cannot split tied matrices"):
         train.main(_argv(tmp_path, "z", "--shard_optimizer", "--tied_updates", "separate"))
     assert not any((tmp_path / d).exists() for d in "wxyz")
+
+
+def test_benchmark_times_a_data_parallel_step_per_process():
+    """benchmark.py --processes 2 --shard_optimizer: process 0's row, each process's peak memory."""
+    import benchmark
+    row = benchmark.time_parallel(2, "tms_5-2", None, None, 1, "cpu", 64, True)
+    assert row["processes"] == 2 and row["shard_optimizer"] and row["batch"] == 64
+    assert len(row["peak_gb_per_process"]) == 2 and all(g > 0 for g in row["peak_gb_per_process"]) and row["ms_per_step"] > 0

@@ -266,6 +266,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds for --against / --reference")
     ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    import train
+
+    unknown = [p for p in args.presets if p not in train.PRESETS]
+    if unknown:
+        raise SystemExit(f"--presets: unknown {', '.join(unknown)}; choose from {', '.join(train.PRESETS)}")
     if args.processes is not None and args.processes < 1:
         raise SystemExit(f"--processes must be at least 1, got {args.processes}")
     if args.shard_optimizer and not (args.processes or 1) > 1 and not args.params:
@@ -279,7 +284,11 @@ def main():
         for preset in args.presets:
             for ci_fn in args.ci_fns:
                 for seq_len in args.seq_lens:
-                    r = count_one(preset, ci_fn, seq_len)
+                    try:
+                        r = count_one(preset, ci_fn, seq_len)
+                    except ValueError as e:
+                        print(f"{preset:14s} {ci_fn or 'preset':9s} {str(seq_len or '-'):>5s} failed: {e}")
+                        continue
                     per_process = (f"  {r['state_gb'] * (8 + 8 / args.processes) / 16:>20.3g}" if args.processes else "")
                     print(f"{preset:14s} {r['ci_fn']:9s} {str(seq_len or '-'):>5s} {r['uv_params'] / 1e6:9.4g} "
                           f"{r['ci_params'] / 1e6:9.4g} {r['state_gb']:9.3g}{per_process}")

@@ -102,7 +102,7 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         if world > 1:  # as spd.optimize
-            spd.average_over_processes_([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            spd.average_gradients_(params)
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()

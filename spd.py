@@ -787,6 +787,15 @@ def average_over_processes_(tensors: list[torch.Tensor], bucket: int = 2**25) ->
                 t.copy_(v.view_as(t))
 
 
+def average_gradients_(params: list[torch.Tensor]) -> None:
+    """Data parallelism, after the backward: every parameter's gradient replaced by its mean over the
+    processes (a parameter this process gave no gradient may have one in another: it counts as 0)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    average_over_processes_([p.grad for p in params])
+
+
 def broadcast_from_first_process_(tensors: list[torch.Tensor]) -> None:
     """Every process starts from process 0's values (the same seed should give them anyway)."""
     import torch.distributed as dist
@@ -851,11 +860,8 @@ def optimize(dec: Decomposition, batch_fn: Callable[[int], torch.Tensor | tuple]
                 lowest = _check_finite_and_not_diverged(shown, step, lowest, cfg)
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
-            if world > 1:  # (a parameter this process gave no gradient may have one in another)
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                average_over_processes_([p.grad for p in params])
+            if world > 1:
+                average_gradients_(params)
             opt.step()
             if log is not None and logging:
                 log(step, {k: v.item() for k, v in shown.items()})

@@ -128,14 +128,16 @@ def _parallel_worker(rank: int, world: int, port: int, out: str, one: tuple) -> 
     """One of time_parallel's processes: joins the group, times its share, writes its row."""
     import torch.distributed as dist
 
+    import spd
+
     preset, ci_fn, seq_len, steps, device_name, batch, shard = one
     cuda = device_name.startswith("cuda")
     if cuda:
         device_name = f"cuda:{rank}"
         torch.cuda.set_device(device_name)
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    spd.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                           world_size=world)
     try:
         row = time_one(preset, ci_fn, seq_len, steps, device_name, batch, shard=shard)
         Path(out, f"rank{rank}.json").write_text(json.dumps(row))

@@ -758,6 +758,18 @@ class Interrupted(KeyboardInterrupt):
         self.step = step
 
 
+def init_process_group(backend: str, **kwargs) -> None:
+    """torch.distributed.init_process_group, after importing torch.distributed.optim (and with it
+    torch.distributed.nn). Their modules bind `group.WORLD` as a default argument when first imported
+    (torch 2.13: the first optimizer imports .nn through torch._dynamo, shard_optimizer imports
+    .optim). Imported while a group is live, they keep it alive past destroy_process_group, and gloo's
+    threads, torn down at interpreter exit instead, aborted 3 of 28 two-process runs here ("terminate
+    called without an active exception"). Imported before, they bind None: the default group at call time."""
+    import torch.distributed as dist
+    import torch.distributed.optim  # noqa: F401
+    dist.init_process_group(backend, **kwargs)
+
+
 def world_size() -> int:
     """Processes of the torch.distributed job this runs in (torchrun), 1 outside one."""
     import torch.distributed as dist

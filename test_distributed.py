@@ -72,7 +72,7 @@ def _run(rank: int, world: int, cfg, shard: bool, shard_optimizer: bool = False)
 
 def _worker(rank: int, world: int, port: int, out: str, cfg_kw: dict, shard_optimizer: bool) -> None:
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    spd.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.save(_run(rank, world, _cfg(**cfg_kw), shard=True, shard_optimizer=shard_optimizer), f"{out}/rank{rank}.pt")
         dist.barrier()  # nothing in flight at teardown
@@ -144,7 +144,7 @@ def _rank_tensors(rank: int) -> list[torch.Tensor]:
 
 def _average_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    spd.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         tensors = _rank_tensors(rank)
         spd.average_over_processes_(tensors, bucket=5)  # buckets: [3, 2], [7] alone, [1, 4], [3x4, not contiguous]
@@ -160,6 +160,29 @@ def test_gradient_averaging_in_buckets_gives_the_mean(tmp_path):
     for a, b, t0, t1 in zip(*averaged, _rank_tensors(0), _rank_tensors(1)):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, (t0 + t1) / 2)
+
+
+def _teardown_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    spd.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = _cfg()
+    dec = _decomposition(cfg)
+    for shard in (False, True):  # the first optimizers: torch._dynamo and torch.distributed.optim are imported now
+        spd.make_optimizer(dec, cfg, shard=shard)
+    dist.barrier()
+    dist.destroy_process_group()
+    tasks = Path("/proc/self/task")
+    Path(out, f"rank{rank}.txt").write_text(" ".join((tasks / t / "comm").read_text().strip() for t in os.listdir(tasks)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+def test_destroy_process_group_ends_the_gloo_threads_after_the_optimizers_imports(tmp_path):
+    """spd.init_process_group: the group must not outlive destroy_process_group (its gloo threads
+    torn down at exit aborted 3 of 28 two-process runs)."""
+    mp.spawn(_teardown_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        threads = (tmp_path / f"rank{r}.txt").read_text().split()
+        assert "python" in threads and not [t for t in threads if "gloo" in t], threads
 
 
 def test_optimize_refuses_a_batch_that_does_not_split(tmp_path, monkeypatch):

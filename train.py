@@ -270,7 +270,7 @@ def start_processes(args) -> None:
     if cuda:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    spd.init_process_group("nccl" if cuda else "gloo")
     if dist.get_rank() > 0:  # process 0 alone prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
 

@@ -2,6 +2,7 @@
 as one process with the whole batch, replicas that stay identical, the CLI under torchrun, resume of
 a 2-process run, and the errors."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -70,14 +71,22 @@ def _run(rank: int, world: int, cfg, shard: bool, shard_optimizer: bool = False)
             **held}
 
 
-def _worker(rank: int, world: int, port: int, out: str, cfg_kw: dict, shard_optimizer: bool) -> None:
+@contextlib.contextmanager
+def _gloo_group(rank: int, world: int, port: int):
+    """A spawned process's gloo group; the block ends with a barrier (nothing in flight at teardown),
+    and the group is destroyed even when the block fails."""
     import torch.distributed as dist
     spd.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.save(_run(rank, world, _cfg(**cfg_kw), shard=True, shard_optimizer=shard_optimizer), f"{out}/rank{rank}.pt")
-        dist.barrier()  # nothing in flight at teardown
+        yield
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, out: str, cfg_kw: dict, shard_optimizer: bool) -> None:
+    with _gloo_group(rank, world, port):
+        torch.save(_run(rank, world, _cfg(**cfg_kw), shard=True, shard_optimizer=shard_optimizer), f"{out}/rank{rank}.pt")
 
 
 def _spawn(tmp_path, cfg_kw, shard_optimizer=False) -> list[dict]:
@@ -143,15 +152,10 @@ def _rank_tensors(rank: int) -> list[torch.Tensor]:
 
 
 def _average_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-    spd.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with _gloo_group(rank, world, port):
         tensors = _rank_tensors(rank)
         spd.average_over_processes_(tensors, bucket=5)  # buckets: [3, 2], [7] alone, [1, 4], [3x4, not contiguous]
         torch.save(tensors, f"{out}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gradient_averaging_in_buckets_gives_the_mean(tmp_path):
@@ -163,14 +167,11 @@ def test_gradient_averaging_in_buckets_gives_the_mean(tmp_path):
 
 
 def _teardown_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-    spd.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = _cfg()
-    dec = _decomposition(cfg)
-    for shard in (False, True):  # the first optimizers: torch._dynamo and torch.distributed.optim are imported now
-        spd.make_optimizer(dec, cfg, shard=shard)
-    dist.barrier()
-    dist.destroy_process_group()
+    with _gloo_group(rank, world, port):
+        cfg = _cfg()
+        dec = _decomposition(cfg)
+        for shard in (False, True):  # the first optimizers: torch._dynamo and torch.distributed.optim are imported now
+            spd.make_optimizer(dec, cfg, shard=shard)
     tasks = Path("/proc/self/task")
     Path(out, f"rank{rank}.txt").write_text(" ".join((tasks / t / "comm").read_text().strip() for t in os.listdir(tasks)))
 

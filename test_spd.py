@@ -1389,9 +1389,10 @@ def test_tms_paper_settings_recover_ground_truth(name):
 def test_short_induction_decomposition_shows_the_circuit():
     """Transformer paper Table 1, scaled down (sequence 16, vocabulary 16, 2000 steps of batch 128):
     the layer-1 query fires at s2, the layer-1 key and value at m (s2 attends to the token after s1),
-    and almost nothing fires at random positions. Measured at these settings with decomposition seeds
-    0, 1, 2 (worst of the three): Q_1 1.63 at s2, 0.001 at random, 0.002 at m; K_1 3.55 at m, 0.06 at
-    s2, 0.11 at random; V_1 9.1 at m, 0.16 at random. At batch 64, seed 0 fails (K_1 0.24 at random).
+    and almost nothing fires at random positions. Measured at these settings (one thread) with
+    decomposition seeds 0, 1, 2, worst of the three: Q_1 1.63 at s2, 0.001 at random, 0.002 at m;
+    K_1 3.55 at m, 0.06 at s2, 0.11 at random; V_1 9.1 at m, 0.16 at random. At batch 64, seed 0
+    fails (K_1 0.24 at random).
     Target seed 0: its trained model predicts the induction token with accuracy 1.000 at these
     settings (seed 4 reaches only 0.617, test_models.py); other target seeds were not tried."""
     import train

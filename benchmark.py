@@ -80,14 +80,16 @@ def count_one(preset: str, ci_fn: str | None, seq_len: int | None) -> dict:
 
 
 def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, compile=False, plain=False,
-             shard=False) -> dict:
+             shard=False, compile_ci=False) -> dict:
+    import contextlib
+
     import spd
 
     device = torch.device(device_name)
     dec, cfg, sample = build(preset, ci_fn, seq_len, device, batch)
     losses_fn = spd.spd_losses if plain or not spd.fast_path(dec) else spd.spd_losses_fast  # as optimize, unless --plain
     losses_fn = torch.compile(losses_fn) if compile else losses_fn
-    warmup = 10 if compile else 2  # torch.compile recompiles over the first steps
+    warmup = 10 if compile else 3 if compile_ci else 2  # torch.compile recompiles over the first steps
     opt = spd.make_optimizer(dec, cfg, shard=shard)
     world, params = spd.world_size(), dec.parameters_to_train()
     times = []
@@ -96,17 +98,18 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
 
         prof = torch_profile()
         prof.__enter__()
-    for _ in range(steps + warmup):
-        t = time.perf_counter()
-        losses = losses_fn(dec, sample(cfg.batch_size // world), cfg, cfg.p)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        if world > 1:  # as spd.optimize
-            spd.average_gradients_(params)
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    with spd.compiled_ci(dec) if compile_ci else contextlib.nullcontext():
+        for _ in range(steps + warmup):
+            t = time.perf_counter()
+            losses = losses_fn(dec, sample(cfg.batch_size // world), cfg, cfg.p)
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            if world > 1:  # as spd.optimize
+                spd.average_gradients_(params)
+            opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
     if profile:
         prof.__exit__(None, None, None)
         events = prof.key_averages()
@@ -120,8 +123,9 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
     return {"preset": preset, "ci_fn": cfg.ci_fn, "seq_len": seq_len, "batch": cfg.batch_size, "C": cfg.C,
             "d_gate": cfg.d_gate, "ms_per_step": ms, "it_per_s": 1000 / ms, "peak_gb": peak / 1e9,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-            "path": "plain" if plain or not spd.fast_path(dec) else "fast (spd.py section K)",
-            "processes": world, "shard_optimizer": shard}
+            "path": ("plain" if plain or not spd.fast_path(dec) else "fast (spd.py section K)")
+            + (", compiled CI (section L)" if compile_ci else ""),
+            "processes": world, "shard_optimizer": shard, "compile_ci": compile_ci}
 
 
 def _parallel_worker(rank: int, world: int, port: int, out: str, one: tuple) -> None:
@@ -173,6 +177,7 @@ def run_child(checkout: Path, preset, ci_fn, seq_len, args) -> dict | str:
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     cmd += ["--profile"] * args.profile + ["--compile"] * args.compile + ["--plain"] * args.plain
+    cmd += ["--compile_ci"] * args.compile_ci
     cmd += ["--processes", str(args.processes or 1)] + ["--shard_optimizer"] * args.shard_optimizer
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout)
     if args.profile:
@@ -252,6 +257,8 @@ def main():
     ap.add_argument("--plain", action="store_true",
                     help="time the plain spd_losses (spd.py sections A-J) instead of what optimize runs (on a CPU: section K)")
     ap.add_argument("--compile", action="store_true", help="time spd_losses under torch.compile (an experiment; train.py does not use it)")
+    ap.add_argument("--compile_ci", action="store_true",
+                    help="run the CI functions under torch.compile, as train.py --compile_ci (spd.py section L)")
     ap.add_argument("--params", action="store_true",
                     help="only count the trained parameters and their fp32 training state (nothing is run)")
     ap.add_argument("--processes", type=int, default=None, metavar="N",
@@ -300,7 +307,7 @@ def main():
         one = (preset, None if ci_fn == "-" else ci_fn, None if seq_len == "-" else int(seq_len), args.steps,
                args.device, args.batch)
         row = (time_parallel(args.processes, *one, args.shard_optimizer) if (args.processes or 1) > 1 else
-               time_one(*one, args.profile, args.compile, args.plain))
+               time_one(*one, args.profile, args.compile, args.plain, compile_ci=args.compile_ci))
         print("ROW " + json.dumps(row))
         return
     if args.against or args.reference:

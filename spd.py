@@ -28,6 +28,7 @@ Sections, in the order of SPD Algorithm 1 (readers cite them by letter):
   J  Save and load
   K  Speed on a CPU                 the same values and gradients in less time: dead rows skipped,
                                     h = a V^T shared, a fused scalar Γ (optimize uses it on a CPU)
+  L  Γ under torch.compile          opt-in (train.py --compile_ci), for GPUs: the same Γ, fused kernels
 
 Deliberately not supported: embedding matrices, adversarial (PGD) masks, the "delta component"
 and faithfulness warm-up of the authors' later code, sharding U, V and their gradients over GPUs
@@ -1277,3 +1278,33 @@ def _chunks(hT: torch.Tensor, k: int, kept: torch.Tensor | None = None):
     for i in range(0, C, step):
         n = min(step, C - i)
         yield slice(i, i + n), buffers[0, :n], buffers[1, :n]
+
+
+# ================================================================================================
+# L. Γ under torch.compile (opt-in: `with compiled_ci(dec): optimize(...)`, train.py --compile_ci)
+# ================================================================================================
+# Section D's own Γ forward, traced by torch.compile into fused kernels: the scalar and vector Γ's
+# [..., C, d_gate] hidden tensor is then recomputed in the backward instead of being written, read
+# back and kept. Meant for GPUs, where optimize runs the plain path; on that path on a CPU it made a
+# resid_mlp3 step 4x faster with 4.5x less memory (results/benchmark.md); on a GPU not yet measured.
+# One compiled forward per Γ class serves every matrix; test_spd.py checks it against the plain Γ.
+# Inside section K (a CPU) the scalar Γ stays section K's fused one.
+
+
+@functools.cache
+def _compiled_forward(cls: type) -> Callable:
+    return torch.compile(cls.forward)
+
+
+@contextmanager
+def compiled_ci(dec: Decomposition):
+    """Within the block, `dec.ci_raw` runs Γ's forward under torch.compile (the first calls compile)."""
+    def ci_raw(name, a):
+        ci_fn = dec.ci_fns[_key(name)]
+        return _compiled_forward(type(ci_fn))(ci_fn, dec.inner(name, a) if dec.ci_fn == "scalar" else a)
+
+    dec.ci_raw = ci_raw
+    try:
+        yield
+    finally:
+        dec.__dict__.pop("ci_raw", None)

@@ -300,6 +300,9 @@ def test_cli_apd_run_resumes_exactly_reevaluates_and_is_not_mistaken_for_spd(tmp
         cli("copy", "--importance_minimality", "1")
     with pytest.raises(SystemExit, match="--topk is an APD flag; add --method apd"):
         cli("spd_run", "--topk", "1", method=())
+    with pytest.raises(SystemExit, match="--compile_ci compiles SPD's CI functions; --method apd has none"):
+        cli("compiled", "--compile_ci")
+    assert not (tmp_path / "compiled").exists()
     with pytest.raises(SystemExit, match="no preset for --model induction"):
         train.main(["--model", "induction", "--method", "apd", "--out", str(tmp_path / "x")])
     target, _ = models.build_target("tms_5-2", steps=200)

@@ -2,6 +2,7 @@
 CPU, short runs of the presets, a run saved on CUDA and loaded on the CPU, and the host-device
 synchronisations of the training step. `bash gpu_check.sh` runs these first."""
 
+import contextlib
 import copy
 import dataclasses
 import warnings
@@ -83,3 +84,20 @@ def test_the_training_step_does_not_synchronise_with_the_host():
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= len(final), syncs  # the .item() of each final loss
 
+
+
+@pytest.mark.parametrize("preset", ["resid_mlp1", "induction"])
+def test_compiled_ci_on_cuda_equals_the_plain_ci(preset):
+    """spd.py section L on CUDA (Triton kernels): one step's losses and gradients with Γ under
+    torch.compile against the plain Γ on the same GPU (the scalar Γ, and the induction preset's attention Γ)."""
+    dec, cfg, x = _setup(preset, 64)
+    dec, x = dec.cuda(), x.cuda()
+    results = []
+    for compiled in (True, False):
+        torch.manual_seed(0)  # the same subsets for the partial losses
+        with spd.compiled_ci(dec) if compiled else contextlib.nullcontext():
+            losses = spd.spd_losses(dec, x, cfg, cfg.p)
+            grads = torch.autograd.grad(losses["total"], dec.parameters_to_train(), allow_unused=True)
+        results.append([*losses.values(), *(g for g in grads if g is not None)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -447,6 +447,34 @@ def test_optimize_takes_the_fast_path_on_a_cpu_only_and_both_train_alike(monkeyp
         assert finals[0][k] == pytest.approx(finals[1][k], rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("ci_fn", ["scalar", "vector", "attention"])
+def test_compiled_ci_equals_the_plain_ci(ci_fn, monkeypatch):
+    """Section L: spd_losses with Γ under torch.compile against the plain Γ, on a small induction
+    target (inputs [B, S, d], every CI function): each loss and every gradient, masks fixed (r = 0.5)."""
+    import train
+
+    target, tcfg = models.build_target("induction", seq_len=8, vocab=12)
+    torch.manual_seed(1)
+    cfg = spd.SPDConfig(**{**train.PRESETS["induction"], "ci_fn": ci_fn, "C": 6, "d_gate": 4})
+    dec = spd.Decomposition.from_config(target, cfg, max_seq_len=8)
+    x = models.batch_fn(tcfg)(16, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(spd, "sample_masks", lambda ci: {n: g + (1 - g) * 0.5 for n, g in ci.items()})
+
+    def losses_and_grads():
+        torch.manual_seed(3)  # the same random subsets for the partial losses
+        losses = spd.spd_losses(dec, x, cfg, p=0.7)
+        return [*losses.values(), *torch.autograd.grad(losses["total"], dec.parameters_to_train())]
+
+    compiled_for, compiled_forward = [], spd._compiled_forward
+    monkeypatch.setattr(spd, "_compiled_forward", lambda cls: compiled_for.append(cls) or compiled_forward(cls))
+    with spd.compiled_ci(dec):
+        compiled = losses_and_grads()
+    assert set(compiled_for) == {type(f) for f in dec.ci_fns.values()}  # every Γ call went through torch.compile
+    assert "ci_raw" not in vars(dec)  # the plain method is back
+    for a, b in zip(compiled, losses_and_grads(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_nonzero_rows_equals_any():
     a = torch.randn(40, 7)
     a[::3] = 0

@@ -155,6 +155,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no_progress", action="store_true", help="no progress bars")
     ap.add_argument("--shard_optimizer", action="store_true",
                     help="torchrun: each process keeps Adam's moments for 1/N of the parameters only (ZeRO stage 1)")
+    ap.add_argument("--compile_ci", action="store_true",
+                    help="run the CI functions under torch.compile (spd.py section L; for GPUs, see README)")
     ap.add_argument("--wandb", default=None, metavar="PROJECT",
                     help="also log the loss lines, metrics and figures to this Weights & Biases project (pip install wandb)")
     ap.add_argument("--pretrained", default="gpt2", help="gpt2: HF model name or local folder")
@@ -227,6 +229,8 @@ def check_run_flags(args: argparse.Namespace, out: Path) -> None:
         os.rmdir(tempfile.mkdtemp(dir=parent))
     except OSError as e:
         raise SystemExit(f"--out {out}: cannot create a folder in {parent} ({e.strerror}); pass a folder path you can write to")
+    if args.compile_ci and args.method != "spd":
+        raise SystemExit(f"--compile_ci compiles SPD's CI functions; --method {args.method} has none: drop the flag")
     if args.wandb is not None:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
@@ -472,10 +476,11 @@ def decompose(args, cfg, dec, sample, gen, run_config: dict, out: Path, wb=None)
             if first:
                 method.save(dec, out, run_config, step, state)
 
-        final = method.optimize(dec, lambda b: sample(b, gen), cfg, log=log if first else None,
-                                log_every=args.log_every, checkpoint=checkpoint, save_every=args.save_every,
-                                progress=first and not args.no_progress, start_step=start, opt_state=opt_state,
-                                **({"shard_optimizer": True} if args.shard_optimizer else {}))
+        with spd.compiled_ci(dec) if args.compile_ci else contextlib.nullcontext():
+            final = method.optimize(dec, lambda b: sample(b, gen), cfg, log=log if first else None,
+                                    log_every=args.log_every, checkpoint=checkpoint, save_every=args.save_every,
+                                    progress=first and not args.no_progress, start_step=start, opt_state=opt_state,
+                                    **({"shard_optimizer": True} if args.shard_optimizer else {}))
     except FloatingPointError as e:
         raise SystemExit(f"{e}\n{last_checkpoint(out)}")
     except spd.Interrupted as e:

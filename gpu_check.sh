@@ -3,7 +3,7 @@
 # together at most 9 minutes on a one-GPU machine, 11 with two GPUs):
 #   1. the cuda tests (test_cuda.py: one step against the CPU, short runs, save on CUDA / load on CPU,
 #      host-device syncs of the training step; then, on their own, spd.py section L's compiled Γ
-#      against the plain one on the GPU)
+#      against the plain one on the GPU, and its training step's syncs)
 #   2. benchmark.py --device cuda: every toy preset; resid_mlp2 and resid_mlp3 again with the compiled Γ
 #      (--compile_ci); induction at lengths 16, 64, 1024 with scalar, vector and attention CI (the
 #      transformer paper's Table 2: 12, 13, 10 it/s at 64); GPT-2 (3 steps)

@@ -1,6 +1,7 @@
 """The GPU path (marked cuda; skipped where torch sees no GPU, so in CI): one step on CUDA against the
 CPU, short runs of the presets, a run saved on CUDA and loaded on the CPU, and the host-device
-synchronisations of the training step. `bash gpu_check.sh` runs these first."""
+synchronisations of the training step; the same with spd.py section L's compiled Γ (named
+compiled_ci). `bash gpu_check.sh` runs these first."""
 
 import contextlib
 import copy
@@ -65,22 +66,27 @@ def test_a_short_run_on_cuda_saves_a_run_the_cpu_loads(preset, tmp_path):
             assert torch.equal(v, saved[k]) and v.device.type == "cpu"
 
 
-def test_the_training_step_does_not_synchronise_with_the_host():
+@pytest.mark.parametrize("compiled", [False, True], ids=["plain_ci", "compiled_ci"])
+def test_the_training_step_does_not_synchronise_with_the_host(compiled):
     """Between checks (every log_every steps on a GPU) a step makes no host-device sync: with
-    torch.cuda.set_sync_debug_mode("warn") the only warnings come from reading the final losses."""
+    torch.cuda.set_sync_debug_mode("warn") the only warnings come from reading the final losses.
+    Also with the compiled Γ (spd.py section L), compiled before the counted steps."""
     dec, cfg, _ = _setup("resid_mlp1", 256)
     dec = dec.cuda()
-    cfg = dataclasses.replace(cfg, steps=12)
     sample = models.batch_fn(models.build_target("resid_mlp1")[1], "cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            final = spd.optimize(dec, lambda b: sample(b, gen), cfg, log_every=1000, progress=False, start_step=1)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    with spd.compiled_ci(dec) if compiled else contextlib.nullcontext():
+        if compiled:  # two steps outside the count: compiling may synchronise
+            spd.optimize(dec, lambda b: sample(b, gen), dataclasses.replace(cfg, steps=2), progress=False)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                final = spd.optimize(dec, lambda b: sample(b, gen), dataclasses.replace(cfg, steps=12), log_every=1000,
+                                     progress=False, start_step=1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= len(final), syncs  # the .item() of each final loss
 

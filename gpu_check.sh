@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go (each step has its own time limit, so that one hang cannot eat the rest;
-# together at most 9 minutes on a one-GPU machine, 11 with two GPUs):
+# their limits add up to 570 s on a one-GPU machine, 675 s with two; most steps should end well before them):
 #   1. the cuda tests (test_cuda.py: one step against the CPU, short runs, save on CUDA / load on CPU,
 #      host-device syncs of the training step; then, on their own, spd.py section L's compiled Γ
 #      against the plain one on the GPU, and its training step's syncs)
@@ -32,10 +32,10 @@ step() { echo "=== $(date -u +%H:%M:%S) $*"; }
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 step "cuda tests on $GPU"
-timeout 100 $PY -m pytest -q -m cuda test_cuda.py -k "not compiled_ci" -p no:cacheprovider 2>&1 | tail -n 40 \
+timeout 90 $PY -m pytest -q -m cuda test_cuda.py -k "not compiled_ci" -p no:cacheprovider 2>&1 | tail -n 40 \
     | tee "$RES/gpu_tests.txt"
 step "cuda tests of the compiled Γ (the first calls compile)"
-timeout 60 $PY -m pytest -q -m cuda test_cuda.py -k compiled_ci -p no:cacheprovider 2>&1 | tail -n 40 \
+timeout 75 $PY -m pytest -q -m cuda test_cuda.py -k compiled_ci -p no:cacheprovider 2>&1 | tail -n 40 \
     | tee "$RES/gpu_tests_compiled_ci.txt"
 
 step "benchmarks"

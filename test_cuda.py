@@ -91,7 +91,6 @@ def test_the_training_step_does_not_synchronise_with_the_host(compiled):
     assert len(syncs) <= len(final), syncs  # the .item() of each final loss
 
 
-
 @pytest.mark.parametrize("preset", ["resid_mlp1", "induction"])
 def test_compiled_ci_on_cuda_equals_the_plain_ci(preset):
     """spd.py section L on CUDA (Triton kernels): one step's losses and gradients with Γ under

@@ -6,6 +6,7 @@
     python benchmark.py --presets tms_5-2 --profile   # also where a step's time goes (torch.profiler)
     python benchmark.py --presets tms_5-2 --compile   # spd_losses under torch.compile (an experiment)
     python benchmark.py --presets tms_5-2 --plain     # the plain spd_losses, without spd.py's section K
+    python benchmark.py --presets resid_mlp3 --compile_ci   # the CI functions under torch.compile (section L)
     python benchmark.py --presets gpt2 --ci_fns scalar vector attention --params   # will it fit? (counts only)
     python benchmark.py --presets gpt2 --seq_lens 16 --processes 2 --shard_optimizer   # data parallel, per process
     python benchmark.py --presets tms_5-2 --against /tmp/old --rounds 8   # speedup over another checkout

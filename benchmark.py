@@ -26,6 +26,7 @@ process 0's, with every process's peak memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -82,8 +83,6 @@ def count_one(preset: str, ci_fn: str | None, seq_len: int | None) -> dict:
 
 def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, compile=False, plain=False,
              shard=False, compile_ci=False) -> dict:
-    import contextlib
-
     import spd
 
     device = torch.device(device_name)

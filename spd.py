@@ -1298,13 +1298,12 @@ def _compiled_forward(cls: type) -> Callable:
 
 @contextmanager
 def compiled_ci(dec: Decomposition):
-    """Within the block, `dec.ci_raw` runs Γ's forward under torch.compile (the first calls compile)."""
-    def ci_raw(name, a):
-        ci_fn = dec.ci_fns[_key(name)]
-        return _compiled_forward(type(ci_fn))(ci_fn, dec.inner(name, a) if dec.ci_fn == "scalar" else a)
-
-    dec.ci_raw = ci_raw
+    """Within the block, each CI function's `forward` runs under torch.compile (the first calls
+    compile): an instance attribute that shadows the class's forward for the block only."""
+    for ci_fn in dec.ci_fns.values():
+        ci_fn.forward = functools.partial(lambda m, x: _compiled_forward(type(m))(m, x), ci_fn)
     try:
         yield
     finally:
-        dec.__dict__.pop("ci_raw", None)
+        for ci_fn in dec.ci_fns.values():
+            ci_fn.__dict__.pop("forward", None)

@@ -7,6 +7,7 @@
     python benchmark.py --presets tms_5-2 --compile   # spd_losses under torch.compile (an experiment)
     python benchmark.py --presets tms_5-2 --plain     # the plain spd_losses, without spd.py's section K
     python benchmark.py --presets resid_mlp3 --compile_ci   # the CI functions under torch.compile (section L)
+    python benchmark.py --presets resid_mlp3 --device cuda --cuda_graph   # the whole step as one CUDA graph (an experiment)
     python benchmark.py --presets gpt2 --ci_fns scalar vector attention --params   # will it fit? (counts only)
     python benchmark.py --presets gpt2 --seq_lens 16 --processes 2 --shard_optimizer   # data parallel, per process
     python benchmark.py --presets tms_5-2 --against /tmp/old --rounds 8   # speedup over another checkout
@@ -15,9 +16,12 @@
 Each (preset, CI function, sequence length) runs in its own subprocess, so the peak memory is
 that configuration's alone (RSS on CPU, torch.cuda.max_memory_allocated on GPU). A step is the
 whole loop iteration: batch, target pass, CI, every loss, backward, optimizer step. Reported:
-the median over the timed steps after warm-up. On a CPU it times what optimize runs there (spd.py
-section K; --plain: the plain spd_losses). --reference times the authors' code on the same machine
-in alternating rounds with this one (their code runs in its own environment: see parity.py).
+the median over the timed steps after warm-up, and the host's share of it ("host ms": until the
+step's last kernel is launched, before the GPU is waited for; on a CPU the whole step). On a GPU,
+host ms near ms/step means the step waits on Python and kernel launches, not on the GPU. On a CPU
+it times what optimize runs there (spd.py section K; --plain: the plain spd_losses). --reference
+times the authors' code on the same machine in alternating rounds with this one (their code runs in
+its own environment: see parity.py).
 --processes N: each configuration data parallel over N processes (gloo on CPU, where they share
 its threads; nccl with a GPU each), each on 1/N of the batch, as torchrun train.py runs; the row is
 process 0's, with every process's peak memory.
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -82,31 +87,40 @@ def count_one(preset: str, ci_fn: str | None, seq_len: int | None) -> dict:
 
 
 def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, compile=False, plain=False,
-             shard=False, compile_ci=False) -> dict:
+             shard=False, compile_ci=False, cuda_graph=False) -> dict:
     import spd
 
     device = torch.device(device_name)
     dec, cfg, sample = build(preset, ci_fn, seq_len, device, batch)
     losses_fn = spd.spd_losses if plain or not spd.fast_path(dec) else spd.spd_losses_fast  # as optimize, unless --plain
     losses_fn = torch.compile(losses_fn) if compile else losses_fn
-    warmup = 10 if compile else 3 if compile_ci else 2  # torch.compile recompiles over the first steps
-    opt = spd.make_optimizer(dec, cfg, shard=shard)
+    warmup = 10 if compile else 3 if compile_ci or cuda_graph else 2  # torch.compile recompiles over the first steps
+    opt = spd.make_optimizer(dec, cfg, shard=shard) if not cuda_graph else capturable_optimizer(dec, cfg)
     world, params = spd.world_size(), dec.parameters_to_train()
-    times = []
+    times, host_times = [], []
+
+    def step() -> dict:
+        losses = losses_fn(dec, sample(cfg.batch_size // world), cfg, cfg.p)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        if world > 1:  # as spd.optimize
+            spd.average_gradients_(params)
+        opt.step()
+        return losses
+
     if profile:  # the timed steps, under torch.profiler: top ops and how many ran per step
         from torch.profiler import profile as torch_profile
 
         prof = torch_profile()
         prof.__enter__()
     with spd.compiled_ci(dec) if compile_ci else contextlib.nullcontext():
+        if cuda_graph:
+            check_graphable(dec, cfg, device)
+            step = cuda_graphed(step, warmup)  # runs the warm-up steps, then captures one
         for _ in range(steps + warmup):
             t = time.perf_counter()
-            losses = losses_fn(dec, sample(cfg.batch_size // world), cfg, cfg.p)
-            opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            if world > 1:  # as spd.optimize
-                spd.average_gradients_(params)
-            opt.step()
+            losses = step()
+            host_times.append(time.perf_counter() - t)  # the host's share: launching the step's work
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
@@ -117,15 +131,64 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
                         and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
         print(events.table(sort_by="self_cpu_time_total", row_limit=12), file=sys.stderr)
         print(f"top-level aten ops per step: {top_level / (steps + warmup):.0f}", file=sys.stderr)
-    ms = sorted(times[warmup:])[len(times[warmup:]) // 2] * 1000
+    ms = statistics.median(times[warmup:]) * 1000
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"preset": preset, "ci_fn": cfg.ci_fn, "seq_len": seq_len, "batch": cfg.batch_size, "C": cfg.C,
             "d_gate": cfg.d_gate, "ms_per_step": ms, "it_per_s": 1000 / ms, "peak_gb": peak / 1e9,
+            "host_ms_per_step": statistics.median(host_times[warmup:]) * 1000, "total_loss": losses["total"].item(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
             "path": ("plain" if plain or not spd.fast_path(dec) else "fast (spd.py section K)")
-            + (", compiled CI (section L)" if compile_ci else ""),
-            "processes": world, "shard_optimizer": shard, "compile_ci": compile_ci}
+            + (", compiled CI (section L)" if compile_ci else "") + (", CUDA graph" if cuda_graph else ""),
+            "processes": world, "shard_optimizer": shard, "compile_ci": compile_ci, "cuda_graph": cuda_graph}
+
+
+# ------------------------------------------------------------------------------------------------
+# An experiment for GPUs, not yet run on one (--cuda_graph): the whole training step captured once
+# into a CUDA graph and replayed, so that the host launches one graph per step instead of ~1000
+# kernels. A resid_mlp3 step's host-side work alone (its ops on tiny tensors) took 7.9-8.3 ms on
+# this project's CPU (results/benchmark.md), near the 9 ms/step of the 30-minute goal.
+# test_cuda.py checks a replay against the eager step. train.py does not use it.
+# ------------------------------------------------------------------------------------------------
+
+
+def capturable_optimizer(dec, cfg) -> torch.optim.Optimizer:
+    """spd.make_optimizer's AdamW, with its state kept where a CUDA graph can update it (capturable)."""
+    kernel = {"foreach": False} if dec._aliases else {"fused": True}
+    return torch.optim.AdamW(dec.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=True,
+                             **kernel)
+
+
+def check_graphable(dec, cfg, device) -> None:
+    """What a replayed graph would freeze or cannot hold: ValueError naming it."""
+    if device.type != "cuda":
+        raise ValueError(f"--cuda_graph needs --device cuda, got {device}")
+    if (cfg.stochastic_recon_partial or cfg.recon_partial) and cfg.partial_routing == "pass":
+        raise ValueError("--cuda_graph: the partial losses draw their subset of matrices on the host, which a "
+                         "graph would freeze; this preset needs partial_routing='position'")
+
+
+def cuda_graphed(step: Callable[[], dict], warmup: int) -> Callable[[], dict]:
+    """`step` (a whole training step: fixed shapes, no host-device sync, randomness drawn on the GPU
+    only) run `warmup` times on a side stream, as torch requires before a capture, then captured once.
+    Returns a function that replays the capture and returns its losses (the same tensors each time,
+    overwritten by each replay). Random draws in a replay continue the GPU generator's stream, as
+    the eager step's would (torch's graph-safe RNG)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # zero_grad(set_to_none) inside: the gradients live in the graph's memory
+        losses = step()
+
+    def replay() -> dict:
+        graph.replay()
+        return losses
+
+    return replay
 
 
 def _parallel_worker(rank: int, world: int, port: int, out: str, one: tuple) -> None:
@@ -177,7 +240,7 @@ def run_child(checkout: Path, preset, ci_fn, seq_len, args) -> dict | str:
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     cmd += ["--profile"] * args.profile + ["--compile"] * args.compile + ["--plain"] * args.plain
-    cmd += ["--compile_ci"] * args.compile_ci
+    cmd += ["--compile_ci"] * args.compile_ci + ["--cuda_graph"] * args.cuda_graph
     cmd += ["--processes", str(args.processes or 1)] + ["--shard_optimizer"] * args.shard_optimizer
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout)
     if args.profile:
@@ -259,6 +322,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="time spd_losses under torch.compile (an experiment; train.py does not use it)")
     ap.add_argument("--compile_ci", action="store_true",
                     help="run the CI functions under torch.compile, as train.py --compile_ci (spd.py section L)")
+    ap.add_argument("--cuda_graph", action="store_true",
+                    help="capture the whole step in a CUDA graph and replay it (an experiment, GPU only; train.py does not use it)")
     ap.add_argument("--params", action="store_true",
                     help="only count the trained parameters and their fp32 training state (nothing is run)")
     ap.add_argument("--processes", type=int, default=None, metavar="N",
@@ -287,6 +352,10 @@ def main():
     if (args.processes or 1) > 1 and (args.against or args.reference or args.profile or args.compile or args.plain):
         raise SystemExit("--processes times this checkout alone, without --against, --reference, --profile, "
                          "--compile or --plain")
+    if args.cuda_graph and (not args.device.startswith("cuda") or args.compile or (args.processes or 1) > 1
+                            or args.against or args.reference):
+        raise SystemExit(f"--cuda_graph times one process on a GPU (--device cuda, got {args.device}), without --compile, "
+                         "--processes, --against or --reference")
     if args.params:
         sharded = f"  sharded over {args.processes}, GB" if args.processes else ""
         print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'U,V (M)':>9s} {'CI (M)':>9s} {'state GB':>9s}{sharded}")
@@ -307,13 +376,14 @@ def main():
         one = (preset, None if ci_fn == "-" else ci_fn, None if seq_len == "-" else int(seq_len), args.steps,
                args.device, args.batch)
         row = (time_parallel(args.processes, *one, args.shard_optimizer) if (args.processes or 1) > 1 else
-               time_one(*one, args.profile, args.compile, args.plain, compile_ci=args.compile_ci))
+               time_one(*one, args.profile, args.compile, args.plain, compile_ci=args.compile_ci,
+                        cuda_graph=args.cuda_graph))
         print("ROW " + json.dumps(row))
         return
     if args.against or args.reference:
         return compare(args)
     rows = []
-    print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'ms/step':>10s} {'it/s':>7s} {'peak GB':>8s}  path")
+    print(f"{'preset':14s} {'ci_fn':9s} {'seq':>5s} {'ms/step':>10s} {'host ms':>8s} {'it/s':>7s} {'peak GB':>8s}  path")
     for preset in args.presets:
         for ci_fn in args.ci_fns:
             for seq_len in args.seq_lens:
@@ -326,7 +396,7 @@ def main():
                     f"{r['processes']} processes{', --shard_optimizer' if r['shard_optimizer'] else ''}, peak GB each: "
                     + " ".join(f"{g:.2f}" for g in r["peak_gb_per_process"]))
                 print(f"{preset:14s} {r['ci_fn']:9s} {str(seq_len or '-'):>5s} {r['ms_per_step']:10.1f} "
-                      f"{r['it_per_s']:7.2f} {r['peak_gb']:8.2f}  {where}", flush=True)
+                      f"{r['host_ms_per_step']:8.1f} {r['it_per_s']:7.2f} {r['peak_gb']:8.2f}  {where}", flush=True)
                 if args.json:  # after every row, so that a run stopped by a time limit keeps what it measured
                     Path(args.json).write_text(json.dumps(rows, indent=1))
     if rows:

@@ -106,3 +106,57 @@ def test_compiled_ci_on_cuda_equals_the_plain_ci():
         results.append([*losses.values(), *(g for g in grads if g is not None)])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_cuda_graph_replay_equals_the_eager_step():
+    """benchmark.py --cuda_graph (an experiment): from the same parameters, Adam state and GPU seed, a
+    replay of the captured training step gives the eager step's losses, parameters and Adam state
+    (random masks and data included: torch's graph-safe RNG continues the generator's stream); a
+    replay under another seed draws other masks, so the graph does not freeze them."""
+    import benchmark
+
+    target, tcfg = models.build_target("resid_mlp1")
+    cfg = spd.SPDConfig(**{**train.PRESETS["resid_mlp1"], "batch_size": 256})
+    torch.manual_seed(0)
+    dec = spd.Decomposition.from_config(target, cfg).cuda()
+    sample = models.batch_fn(tcfg, "cuda")
+    opt = benchmark.capturable_optimizer(dec, cfg)
+
+    def step() -> dict:
+        losses = spd.spd_losses(dec, sample(cfg.batch_size), cfg, cfg.p)
+        opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        opt.step()
+        return losses
+
+    replay = benchmark.cuda_graphed(step, warmup=2)
+    state = [*dec.parameters_to_train(), *(t for s in opt.state.values() for t in s.values())]
+    saved = [t.detach().clone() for t in state]
+
+    def from_saved(seed: int, run) -> tuple[dict, list]:
+        with torch.no_grad():
+            for t, v in zip(state, saved):
+                t.copy_(v)
+        torch.cuda.manual_seed(seed)
+        losses = run()
+        return {k: v.item() for k, v in losses.items()}, [t.detach().clone() for t in state]
+
+    (l1, s1), (l1_again, s1_again), (l2, _), (l_eager, s_eager) = (from_saved(1, replay), from_saved(1, replay),
+                                                                   from_saved(2, replay), from_saved(1, step))
+    assert l1 == pytest.approx(l1_again, rel=1e-6)  # the same seed: the same draws
+    for a, b in zip(s1, s1_again, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert l2["stochastic_recon"] != l1["stochastic_recon"]
+    assert l1 == pytest.approx(l_eager, rel=1e-5)
+    assert not torch.equal(s1[0], saved[0])  # the replay trained
+    for a, b in zip(s1, s_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_benchmark_times_a_cuda_graph_step():
+    """benchmark.py --cuda_graph's row: the replayed step's time, its host share, a finite loss."""
+    import benchmark
+
+    row = benchmark.time_one("resid_mlp1", None, None, 3, "cuda", 256, cuda_graph=True)
+    assert row["cuda_graph"] and row["path"].endswith("CUDA graph")
+    assert 0 < row["host_ms_per_step"] <= row["ms_per_step"] and torch.isfinite(torch.tensor(row["total_loss"]))

@@ -1494,6 +1494,27 @@ def test_benchmark_params_count_matches_a_hand_count():
     assert r["ci_params"] == 8 * (16 * 100 * 16 + 2 * 100 * 16 + 100)
 
 
+def test_benchmark_cuda_graph_refuses_what_a_graph_cannot_replay():
+    """benchmark.py --cuda_graph (an experiment; test_cuda.py checks a replay on a GPU): a CPU device,
+    and partial losses whose subsets are drawn on the host (a replay would repeat the first draw)."""
+    import subprocess
+    import sys
+
+    import benchmark
+
+    dec = spd.Decomposition(models.TMS(5, 2), ["linear1"])
+    with pytest.raises(ValueError, match="needs --device cuda, got cpu"):
+        benchmark.check_graphable(dec, spd.SPDConfig(), torch.device("cpu"))
+    partial = spd.SPDConfig(stochastic_recon_partial=1.0)
+    with pytest.raises(ValueError, match="partial_routing='position'"):
+        benchmark.check_graphable(dec, partial, torch.device("cuda"))
+    benchmark.check_graphable(dec, dataclasses.replace(partial, partial_routing="position"), torch.device("cuda"))
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "benchmark.py"), "--presets", "tms_5-2",
+                          "--device", "cpu", "--cuda_graph"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == ("--cuda_graph times one process on a GPU (--device cuda, got "
+                                                          "cpu), without --compile, --processes, --against or --reference")
+
+
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(spd.SPDConfig)
                                   if f.type in ("float", "float | None")])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])

@@ -1568,3 +1568,13 @@ def test_figures_have_a_colour_bar_integer_layer_ticks_and_apart_position_labels
     for ax in fig.axes:
         s1, m = (next(t for t in ax.texts if t.get_text() == lab).get_window_extent() for lab in ("s1", "m"))
         assert not s1.overlaps(m)
+
+
+def test_every_mutation_still_finds_its_line():
+    """mutations.py breaks one line of spd.py at a time; a line that spd.py no longer has (after a
+    rewrite) would stop the check, so each must still be in spd.py exactly once."""
+    import mutations
+
+    source = (Path(__file__).resolve().parent / "spd.py").read_text()
+    stale = [name for name, line, _ in mutations.MUTATIONS if source.count(line) != 1]
+    assert not stale, f"update mutations.py: {stale}"

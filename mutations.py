@@ -1,10 +1,12 @@
-"""Mutation check of the test suite: break one line of spd.py at a time and see whether the tests fail.
+"""Mutation check of the test suite: break one line of spd.py, apd.py or cluster.py at a time and see
+whether the tests fail.
 
-    python mutations.py                      # every mutation below against the fast tests
-    python mutations.py test_spd.py -k "not recovers"   # another test selection (pytest arguments)
+    python mutations.py                      # every mutation below, each file against its fast tests
+    python mutations.py --files apd.py       # one file's mutations only
+    python mutations.py --files spd.py -- test_spd.py -k "not recovers"   # another test selection (pytest arguments)
 
-Each mutation is a one-line bug a reader of the paper could plausibly write. spd.py is restored after
-each run (and if the script is interrupted or terminated); while it runs, the checkout's spd.py is
+Each mutation is a one-line bug a reader of the paper could plausibly write. The file is restored after
+each run (and if the script is interrupted or terminated); while it runs, the checkout's file is
 broken, so run it in a copy if anything else uses this one. A mutation the tests do not catch is a
 missing test.
 """
@@ -92,28 +94,76 @@ MUTATIONS = [  # (name, the line as it is in spd.py, the bug)
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("tests", nargs=argparse.REMAINDER, help=f"pytest arguments (default: {' '.join(FAST_TESTS)})")
-    args = ap.parse_args()
-    args.tests = args.tests or FAST_TESTS
-    path = HERE / "spd.py"
+APD_MUTATIONS = [
+    ("attributions: outputs summed before squaring (eq. 8 squares per output)",
+     "A = t.square().sum(0)  # [B, C]", "A = t.sum(0).square()  # [B, C]"),
+    ("attributions: the output gradients' signs dropped",
+     "t = t + torch.einsum(\"obk,bck->obc\", g, comp_out)", "t = t + torch.einsum(\"obk,bck->obc\", g.abs(), comp_out)"),
+    ("batch top-k keeps k attributions, not k B", "n = int(k * B)", "n = max(1, int(k))"),
+    ("simplicity: λ^p taken as (λ²)^p", "per_component = per_component + ((lam_sq + eps) ** (p / 2)).sum(-1)  # [C]",
+     "per_component = per_component + ((lam_sq + eps) ** p).sum(-1)  # [C]"),
+    ("simplicity: inactive components counted too",
+     "return (mask.to(per_component.dtype) * per_component).sum() / (N * mask.shape[0])",
+     "return per_component.sum() * mask.shape[0] / (N * mask.shape[0])"),
+    ("hidden-activation recon before the ReLU",
+     "sq = sum(((F.relu(acts_topk[n]) - F.relu(acts_target[n])) ** 2).sum(-1) for n in acts_target)",
+     "sq = sum(((acts_topk[n] - acts_target[n]) ** 2).sum(-1) for n in acts_target)"),
+    ("V normalised over the wrong axis", "V.div_(V.norm(dim=-1, keepdim=True))", "V.div_(V.norm(dim=-2, keepdim=True))"),
+    ("gradient projection adds the radial part instead of removing it",
+     "V.grad -= (V.grad * V).sum(-1, keepdim=True) * V", "V.grad += (V.grad * V).sum(-1, keepdim=True) * V"),
+]
+
+CLUSTER_MUTATIONS = [
+    ("description length without the index bits log2 G",
+     "return float(np.sum(f * (math.log2(G) + alpha * r))) if G else 0.0",
+     "return float(np.sum(f * alpha * r)) if G else 0.0"),
+    ("merge cost without the other groups' cheaper index",
+     "+ (S - f_a - f_b) * (L1 - L))", "+ 0 * (L1 - L))"),
+    ("a merged group active where both are (AND), not either (OR)",
+     "act[:, i] = np.maximum(act[:, i], act[:, j])", "act[:, i] = np.minimum(act[:, i], act[:, j])"),
+    ("a merged group's rank the larger one's, not the sum", "r[i] += r[j]", "r[i] = max(r[i], r[j])"),
+    ("Jaccard over the sum of counts, not the union",
+     "either = A.sum(0)[:, None] + A.sum(0)[None, :] - both", "either = A.sum(0)[:, None] + A.sum(0)[None, :]"),
+    ("ARI's chance term over n, not C(n, 2)",
+     "expected = sum_a * sum_b / pairs(len(a)) if len(a) > 1 else 0.0",
+     "expected = sum_a * sum_b / len(a) if len(a) > 1 else 0.0"),
+]
+
+SETS = {"spd.py": (MUTATIONS, FAST_TESTS), "apd.py": (APD_MUTATIONS, ["test_apd.py", "-k", "not recovers"]),
+        "cluster.py": (CLUSTER_MUTATIONS, ["test_cluster.py"])}
+
+
+def run(file: str, mutations: list, tests: list[str]) -> int:
+    """Each mutation of `file` in turn against `tests`; prints one line each; returns how many were caught."""
+    path = HERE / file
     original = path.read_text()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so that `finally` restores spd.py
     caught = 0
     try:
-        for name, line, bug in MUTATIONS:
+        for name, line, bug in mutations:
             if original.count(line) != 1:
-                raise SystemExit(f"mutation {name!r}: its line is no longer in spd.py once; update mutations.py")
+                raise SystemExit(f"mutation {name!r}: its line is no longer in {file} once; update mutations.py")
             path.write_text(original.replace(line, bug))
-            res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *args.tests],
+            res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *tests],
                                  cwd=HERE, capture_output=True, text=True)
             failed = res.returncode != 0
             caught += failed
-            print(f"{'caught' if failed else 'MISSED'}  {name}: {res.stdout.strip().splitlines()[-1]}", flush=True)
+            print(f"{'caught' if failed else 'MISSED'}  {file}: {name}: {res.stdout.strip().splitlines()[-1]}", flush=True)
     finally:
         path.write_text(original)
-    print(f"{caught} of {len(MUTATIONS)} caught by {' '.join(args.tests)}")
+    print(f"{caught} of {len(mutations)} mutations of {file} caught by {' '.join(tests)}", flush=True)
+    return caught
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--files", nargs="+", choices=list(SETS), default=list(SETS), help="whose mutations to run")
+    ap.add_argument("tests", nargs=argparse.REMAINDER, help="pytest arguments (default: each file's fast tests)")
+    args = ap.parse_args()
+    tests = args.tests[1:] if args.tests[:1] == ["--"] else args.tests
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so that `finally` restores the file
+    for file in args.files:
+        mutations, default = SETS[file]
+        run(file, mutations, tests or default)
 
 
 if __name__ == "__main__":

@@ -1571,10 +1571,11 @@ def test_figures_have_a_colour_bar_integer_layer_ticks_and_apart_position_labels
 
 
 def test_every_mutation_still_finds_its_line():
-    """mutations.py breaks one line of spd.py at a time; a line that spd.py no longer has (after a
-    rewrite) would stop the check, so each must still be in spd.py exactly once."""
+    """mutations.py breaks one line of spd.py, apd.py or cluster.py at a time; a line that its file no
+    longer has (after a rewrite) would stop the check, so each must still be there exactly once."""
     import mutations
 
-    source = (Path(__file__).resolve().parent / "spd.py").read_text()
-    stale = [name for name, line, _ in mutations.MUTATIONS if source.count(line) != 1]
+    here = Path(__file__).resolve().parent
+    stale = [(file, name) for file, (mutations_of_file, _) in mutations.SETS.items()
+             for name, line, _ in mutations_of_file if (here / file).read_text().count(line) != 1]
     assert not stale, f"update mutations.py: {stale}"

@@ -1,5 +1,5 @@
-"""Mutation check of the test suite: break one line of spd.py, apd.py or cluster.py at a time and see
-whether the tests fail.
+"""Mutation check of the test suite: break one line of spd.py, models.py, apd.py or cluster.py at a
+time and see whether the tests fail.
 
     python mutations.py                      # every mutation below, each file against its fast tests
     python mutations.py --files apd.py       # one file's mutations only
@@ -88,6 +88,11 @@ MUTATIONS = [  # (name, the line as it is in spd.py, the bug)
      "out |= {k: v for k, v in losses.items() if k not in (\"faithfulness\", \"importance_minimality\", \"total\")}"),
     ("fast path: h reused for an input that only has the same shape",
      "if a is a0 or (a.shape == a0.shape and torch.equal(a, a0)):", "if a.shape == a0.shape:"),
+    ("ML2R from the longest subcomponent, not the best-aligned one",
+     "ratio = norms.gather(0, idx[None])[0] / W_norms", "ratio = norms.max(0).values / W_norms"),
+    ("MMCS's cosine not normalised by the subcomponent's length",
+     "cos = torch.einsum(\"coj,oj->cj\", sub, W) / ((norms + 1e-12) * (W_norms + 1e-12))  # [C, d_in]",
+     "cos = torch.einsum(\"coj,oj->cj\", sub, W) / (W_norms + 1e-12) ** 2  # [C, d_in]"),
     ("compiled Γ (section L) cut off from its input's gradient",
      "ci_fn.forward = functools.partial(lambda m, x: _compiled_forward(type(m))(m, x), ci_fn)",
      "ci_fn.forward = functools.partial(lambda m, x: _compiled_forward(type(m))(m, x.detach()), ci_fn)"),
@@ -129,7 +134,24 @@ CLUSTER_MUTATIONS = [
      "expected = sum_a * sum_b / len(a) if len(a) > 1 else 0.0"),
 ]
 
-SETS = {"spd.py": (MUTATIONS, FAST_TESTS), "apd.py": (APD_MUTATIONS, ["test_apd.py", "-k", "not recovers"]),
+MODELS_MUTATIONS = [
+    ("TMS without its output ReLU", "return F.relu(self.linear2(h))  # [B, n]", "return self.linear2(h)  # [B, n]"),
+    ("residual block without its residual", "return r + self.mlp_out(F.relu(self.mlp_in(r)))",
+     "return self.mlp_out(F.relu(self.mlp_in(r)))"),
+    ("W_E normalised over columns, not rows", "self.register_buffer(\"W_E\", W_E / W_E.norm(dim=1, keepdim=True))",
+     "self.register_buffer(\"W_E\", W_E / W_E.norm(dim=0, keepdim=True))"),
+    ("residual MLP labels without the ReLU", "return x + F.relu(x)", "return x + x"),
+    ("sparse feature values off their range",
+     "values = lo + (hi - lo) * torch.rand(shape, generator=generator, device=device)  # [B, n]",
+     "values = lo + hi * torch.rand(shape, generator=generator, device=device)  # [B, n]"),
+    ("induction task: m placed before the first S, not after it",
+     "t.scatter_(1, l + 1, m[:, None])", "t.scatter_(1, l - 1, m[:, None])"),
+    ("sinusoidal positions: sine in the cosine columns",
+     "P[:, 1::2] = torch.cos(pos * freq)", "P[:, 1::2] = torch.sin(pos * freq)"),
+]
+
+SETS = {"spd.py": (MUTATIONS, FAST_TESTS),
+        "models.py": (MODELS_MUTATIONS, ["test_models.py", "-k", "not cli and not gpt2"]), "apd.py": (APD_MUTATIONS, ["test_apd.py", "-k", "not recovers"]),
         "cluster.py": (CLUSTER_MUTATIONS, ["test_cluster.py"])}
 
 

@@ -150,9 +150,12 @@ MODELS_MUTATIONS = [
      "P[:, 1::2] = torch.cos(pos * freq)", "P[:, 1::2] = torch.sin(pos * freq)"),
 ]
 
-SETS = {"spd.py": (MUTATIONS, FAST_TESTS),
-        "models.py": (MODELS_MUTATIONS, ["test_models.py", "-k", "not cli and not gpt2"]), "apd.py": (APD_MUTATIONS, ["test_apd.py", "-k", "not recovers"]),
-        "cluster.py": (CLUSTER_MUTATIONS, ["test_cluster.py"])}
+SETS = {  # file: (its mutations, its fast tests)
+    "spd.py": (MUTATIONS, FAST_TESTS),
+    "models.py": (MODELS_MUTATIONS, ["test_models.py", "-k", "not cli and not gpt2"]),
+    "apd.py": (APD_MUTATIONS, ["test_apd.py", "-k", "not recovers"]),
+    "cluster.py": (CLUSTER_MUTATIONS, ["test_cluster.py"]),
+}
 
 
 def run(file: str, mutations: list, tests: list[str]) -> int:
@@ -183,9 +186,11 @@ def main() -> None:
     args = ap.parse_args()
     tests = args.tests[1:] if args.tests[:1] == ["--"] else args.tests
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so that `finally` restores the file
+    missed = 0
     for file in args.files:
         mutations, default = SETS[file]
-        run(file, mutations, tests or default)
+        missed += len(mutations) - run(file, mutations, tests or default)
+    sys.exit(1 if missed else 0)
 
 
 if __name__ == "__main__":

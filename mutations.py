@@ -1,5 +1,5 @@
-"""Mutation check of the test suite: break one line of spd.py, models.py, apd.py or cluster.py at a
-time and see whether the tests fail.
+"""Mutation check of the test suite: break one line of spd.py, models.py, apd.py, cluster.py or
+analysis.py at a time and see whether the tests fail.
 
     python mutations.py                      # every mutation below, each file against its fast tests
     python mutations.py --files apd.py       # one file's mutations only
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SELF_TEST = "test_spd.py::test_every_mutation_still_finds_its_line"  # fails on any mutation: not a catch
 FAST_TESTS = ["test_spd.py", "test_parity.py", "-k", "not recovers and not short_induction"]  # the minutes-long
 # ground-truth recovery runs left out
 
@@ -150,11 +151,39 @@ MODELS_MUTATIONS = [
      "P[:, 1::2] = torch.cos(pos * freq)", "P[:, 1::2] = torch.sin(pos * freq)"),
 ]
 
+ANALYSIS_MUTATIONS = [
+    ("a feature whose best match is shared still counted as recovered",
+     "return int(((best >= cos_min) & ~shared).sum())", "return int((best >= cos_min).sum())"),
+    ("monosemantic W_in: a subcomponent shared between features allowed",
+     "unshared = (active & (active.sum(0, keepdim=True) == 1)).any(1)", "unshared = active.any(1)"),
+    ("dense W_out: active on some input instead of half of them",
+     "return sum(int(((g > threshold).float().mean(0) >= 0.5).sum()) for n, g in ci.items() if n.endswith(\"mlp_out\"))",
+     "return sum(int(((g > threshold).float().mean(0) > 0).sum()) for n, g in ci.items() if n.endswith(\"mlp_out\"))"),
+    ("W_out activity averaged over every column, not the ones ever active",
+     "return int(used.sum()), float(active[:, used].float().mean()) if used.any() else 0.0",
+     "return int(used.sum()), float(active.float().mean()) if used.any() else 0.0"),
+    ("neuron contributions read through W_in twice",
+     "target = (W_E @ W_out) * (W_E @ W_in.T)  # W_U[i] = W_E[i]                       [n, d_mlp]",
+     "target = (W_E @ W_in.T) * (W_E @ W_in.T)  # W_U[i] = W_E[i]                       [n, d_mlp]"),
+    ("Table 1: m taken at s1 - 1, not s1 + 1", "s1, m = n == s1_pos[:, None], n == s1_pos[:, None] + 1  # [B, S]",
+     "s1, m = n == s1_pos[:, None], n == s1_pos[:, None] - 1  # [B, S]"),
+    ("attention KL in the other direction", "terms = torch.where(keep, A_target * (log_t - log_m), 0.0)  # [B, S, S]",
+     "terms = torch.where(keep, A_model * (log_m - log_t), 0.0)  # [B, S, S]"),
+    ("SVD truncation keeps one triple too many", "return (U[:, :r] * S[:r]) @ Vh[:r]",
+     "return (U[:, :r + 1] * S[:r + 1]) @ Vh[:r + 1]"),
+    ("SVD pruning picks the worst matrix, not the best", "j = min(losses, key=losses.get)",
+     "j = max(losses, key=losses.get)"),
+    ("suppression edit without normalising the read vectors",
+     "u_hat, v_hat = F.normalize(u, dim=0), F.normalize(v, dim=1)  # [d_out, K], [K, d_in]",
+     "u_hat, v_hat = F.normalize(u, dim=0), v  # [d_out, K], [K, d_in]"),
+]
+
 SETS = {  # file: (its mutations, its fast tests)
     "spd.py": (MUTATIONS, FAST_TESTS),
     "models.py": (MODELS_MUTATIONS, ["test_models.py", "-k", "not cli and not gpt2"]),
     "apd.py": (APD_MUTATIONS, ["test_apd.py", "-k", "not recovers"]),
     "cluster.py": (CLUSTER_MUTATIONS, ["test_cluster.py"]),
+    "analysis.py": (ANALYSIS_MUTATIONS, ["test_spd.py", "test_apd.py", "-k", "not recovers and not short_induction"]),
 }
 
 
@@ -168,11 +197,13 @@ def run(file: str, mutations: list, tests: list[str]) -> int:
             if original.count(line) != 1:
                 raise SystemExit(f"mutation {name!r}: its line is no longer in {file} once; update mutations.py")
             path.write_text(original.replace(line, bug))
-            res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *tests],
+            res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", f"--deselect={SELF_TEST}", *tests],
                                  cwd=HERE, capture_output=True, text=True)
             failed = res.returncode != 0
             caught += failed
-            print(f"{'caught' if failed else 'MISSED'}  {file}: {name}: {res.stdout.strip().splitlines()[-1]}", flush=True)
+            by = [l.split()[1] for l in res.stdout.splitlines() if l.startswith(("FAILED ", "ERROR "))][:1]
+            print(f"{'caught' if failed else 'MISSED'}  {file}: {name}: {res.stdout.strip().splitlines()[-1]}"
+                  + (f" (by {by[0]})" if by else ""), flush=True)
     finally:
         path.write_text(original)
     print(f"{caught} of {len(mutations)} mutations of {file} caught by {' '.join(tests)}", flush=True)

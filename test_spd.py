@@ -861,14 +861,16 @@ def test_readme_example_runs_as_written(tmp_path, monkeypatch):
 
 def test_resid_metrics_by_hand():
     ci = {"layers.0.mlp_in": torch.tensor([[0.9, 0.0, 0.0], [0.0, 0.8, 0.2], [0.0, 0.0, 0.05]]),
-          "layers.0.mlp_out": torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.0, 0.0], [0.9, 0.3, 0.0]])}
+          "layers.0.mlp_out": torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.0, 0.0], [0.9, 0.3, 0.4]])}
     # feature 0: one unshared subcomponent; 1: two above 0.1; 2: none above 0.1
     assert analysis.monosemantic_in_fraction(ci) == pytest.approx(1 / 3)
     ci["layers.0.mlp_in"][1, 2] = 0.0
     ci["layers.0.mlp_in"][2, 1] = 0.5  # feature 2 now shares feature 1's subcomponent
     assert analysis.monosemantic_in_fraction(ci) == pytest.approx(1 / 3)
-    assert analysis.dense_out_count(ci) == 2  # columns 0 (3/3) and 1 (2/3) are active on >= half
-    assert analysis.out_activity(ci) == (2, pytest.approx(5 / 6))  # column 2 never active; (3 + 2) / 6
+    assert analysis.dense_out_count(ci) == 2  # columns 0 (3/3) and 1 (2/3) are active on >= half, 2 (1/3) is not
+    assert analysis.out_activity(ci) == (3, pytest.approx(6 / 9))  # (3 + 2 + 1) / 9
+    ci["layers.0.mlp_out"][2, 2] = 0.0
+    assert analysis.out_activity(ci) == (2, pytest.approx(5 / 6))  # column 2 never active: left out of the mean
     # a second layer in which features 1 and 2 are monosemantic and 0 is not (two subcomponents)
     ci["layers.1.mlp_in"] = torch.tensor([[0.7, 0.5, 0.0, 0.0], [0.0, 0.0, 0.6, 0.0], [0.0, 0.0, 0.0, 0.3]])
     by_layer = analysis.monosemantic_in_by_layer(ci)

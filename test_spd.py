@@ -1573,8 +1573,8 @@ def test_figures_have_a_colour_bar_integer_layer_ticks_and_apart_position_labels
 
 
 def test_every_mutation_still_finds_its_line():
-    """mutations.py breaks one line of spd.py, apd.py or cluster.py at a time; a line that its file no
-    longer has (after a rewrite) would stop the check, so each must still be there exactly once."""
+    """mutations.py breaks one line at a time of each file in its SETS; a line that its file no longer
+    has (after a rewrite) would stop the check, so each must still be there exactly once."""
     import mutations
 
     here = Path(__file__).resolve().parent

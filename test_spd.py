@@ -1581,3 +1581,14 @@ def test_every_mutation_still_finds_its_line():
     stale = [(file, name) for file, (mutations_of_file, _) in mutations.SETS.items()
              for name, line, _ in mutations_of_file if (here / file).read_text().count(line) != 1]
     assert not stale, f"update mutations.py: {stale}"
+
+
+def test_gpu_check_fits_one_device_call():
+    """gpu_check.sh runs as one command on a lent GPU machine, which stops a command at 600 s: on one
+    GPU its steps' time limits (outside the two-GPU block) must leave room for its setup and summary."""
+    import re
+
+    script = (Path(__file__).resolve().parent / "gpu_check.sh").read_text()
+    one_gpu = re.sub(r"if \(\( N_GPU >= 2 \)\); then.*?\nfi\n", "", script, flags=re.S)
+    limits = [int(t) for t in re.findall(r"^\s*timeout (\d+) ", one_gpu, flags=re.M)]
+    assert len(limits) == 10 and sum(limits) <= 580, limits

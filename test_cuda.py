@@ -1,7 +1,8 @@
 """The GPU path (marked cuda; skipped where torch sees no GPU, so in CI): one step on CUDA against the
 CPU, short runs of the presets, a run saved on CUDA and loaded on the CPU, and the host-device
 synchronisations of the training step; the same with spd.py section L's compiled Γ (named
-compiled_ci). `bash gpu_check.sh` runs these first."""
+compiled_ci); benchmark.py's CUDA-graph replay of a step against the eager step. `bash gpu_check.sh`
+runs these first."""
 
 import contextlib
 import copy

@@ -95,7 +95,7 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
     losses_fn = spd.spd_losses if plain or not spd.fast_path(dec) else spd.spd_losses_fast  # as optimize, unless --plain
     losses_fn = torch.compile(losses_fn) if compile else losses_fn
     warmup = 10 if compile else 3 if compile_ci or cuda_graph else 2  # torch.compile recompiles over the first steps
-    opt = spd.make_optimizer(dec, cfg, shard=shard) if not cuda_graph else capturable_optimizer(dec, cfg)
+    opt = spd.make_optimizer(dec, cfg, shard=shard, capturable=cuda_graph)
     world, params = spd.world_size(), dec.parameters_to_train()
     times, host_times = [], []
 
@@ -150,13 +150,6 @@ def time_one(preset, ci_fn, seq_len, steps, device_name, batch, profile=False, c
 # this project's CPU (results/benchmark.md), near the 9 ms/step of the 30-minute goal.
 # test_cuda.py checks a replay against the eager step. train.py does not use it.
 # ------------------------------------------------------------------------------------------------
-
-
-def capturable_optimizer(dec, cfg) -> torch.optim.Optimizer:
-    """spd.make_optimizer's AdamW, with its state kept where a CUDA graph can update it (capturable)."""
-    kernel = {"foreach": False} if dec._aliases else {"fused": True}
-    return torch.optim.AdamW(dec.parameters_to_train(), lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=True,
-                             **kernel)
 
 
 def check_graphable(dec, cfg, device) -> None:

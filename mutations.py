@@ -187,15 +187,21 @@ SETS = {  # file: (its mutations, its fast tests)
 }
 
 
+def stale(file: str, mutations: list) -> list[str]:
+    """The names of `file`'s mutations whose line is not in it exactly once (after a rewrite)."""
+    source = (HERE / file).read_text()
+    return [name for name, line, _ in mutations if source.count(line) != 1]
+
+
 def run(file: str, mutations: list, tests: list[str]) -> int:
     """Each mutation of `file` in turn against `tests`; prints one line each; returns how many were caught."""
+    if stale(file, mutations):
+        raise SystemExit(f"mutations {stale(file, mutations)}: their lines are no longer in {file} once; update mutations.py")
     path = HERE / file
     original = path.read_text()
     caught = 0
     try:
         for name, line, bug in mutations:
-            if original.count(line) != 1:
-                raise SystemExit(f"mutation {name!r}: its line is no longer in {file} once; update mutations.py")
             path.write_text(original.replace(line, bug))
             res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", f"--deselect={SELF_TEST}", *tests],
                                  cwd=HERE, capture_output=True, text=True)

@@ -708,14 +708,18 @@ def split_batch(batch) -> tuple[object, torch.Tensor | None]:
     return batch if isinstance(batch, tuple) else (batch, None)
 
 
-def make_optimizer(dec: Decomposition, cfg: SPDConfig, shard: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(dec: Decomposition, cfg: SPDConfig, shard: bool = False,
+                   capturable: bool = False) -> torch.optim.Optimizer:
     """AdamW over U, V and Γ (weight decay 0 = the paper's Adam), in one fused kernel on CPU and
     CUDA; aliased parameters (tied_updates="separate") are updated one after the other instead.
+    capturable: torch's AdamW option that keeps its state on the GPU so that a CUDA graph can
+    capture the step (benchmark.py --cuda_graph).
     shard (data parallel only): torch's ZeroRedundancyOptimizer (ZeRO stage 1), the same AdamW
     update, but each process keeps Adam's moments for its share of the parameters only, updates that
     share and broadcasts it: 8 + 8/N bytes of training state per parameter instead of 16."""
     params = dec.parameters_to_train()
     kernel = {"foreach": False} if dec._aliases else {"fused": params[0].device.type in ("cpu", "cuda")}
+    kernel["capturable"] = capturable
     if not shard:
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **kernel)
     if world_size() == 1:

@@ -121,7 +121,7 @@ def test_a_cuda_graph_replay_equals_the_eager_step():
     torch.manual_seed(0)
     dec = spd.Decomposition.from_config(target, cfg).cuda()
     sample = models.batch_fn(tcfg, "cuda")
-    opt = benchmark.capturable_optimizer(dec, cfg)
+    opt = spd.make_optimizer(dec, cfg, capturable=True)
 
     def step() -> dict:
         losses = spd.spd_losses(dec, sample(cfg.batch_size), cfg, cfg.p)

@@ -13,7 +13,8 @@ spd.py holds the method; this file holds what the papers measure on each target:
                         set (Figures 3, 4), zeroing MLP layers (Figure 9)
   F  Results tables     python analysis.py report RUNS_DIR: results/*.md from finished run folders
   G  APD and robustness python analysis.py apd|robustness RUNS_DIR: APD Table 1; SPD against APD over
-                        their main hyperparameter (TMS 5-2), table and figure
+                        their main hyperparameter (TMS 5-2), table and figure; python analysis.py
+                        record RUNS_DIR --out DIR: a small JSON per finished run, to commit
 Each evaluate_* returns a flat dict for metrics.json and writes PNGs into out_dir.
 """
 
@@ -1193,11 +1194,31 @@ PAPER_APD_TMS = {"tms_5-2": (0.998, 0.000, 0.893, 0.004), "tms_40-10": (0.996, 0
 
 
 def _all_runs(root: Path) -> list[tuple[Path, dict, dict]]:
-    """(run folder, its run config, its metrics) of every finished run in root, both methods."""
+    """(run folder, its run config, its metrics) of every finished run in root, both methods: its run
+    folders (each with metrics.json) and the records written by record_runs (NAME.json)."""
     import json
 
-    return [(p.parent, json.loads((p.parent / "config.json").read_text())["config"], json.loads(p.read_text()))
-            for p in sorted(root.glob("*/metrics.json"))]
+    folders = [(p.parent, json.loads((p.parent / "config.json").read_text())["config"], json.loads(p.read_text()))
+               for p in sorted(root.glob("*/metrics.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(root.glob("*.json"))]
+    return sorted(folders + [(root / r["run"], r["config"], r["metrics"]) for r in records if {"run", "config", "metrics"} <= r.keys()],
+                  key=lambda run: run[0].name)
+
+
+def record_runs(root: Path, out: Path, suffix: str = "") -> None:
+    """python analysis.py record RUNS_DIR --out DIR: one small JSON per finished run in RUNS_DIR, {run,
+    config, metrics} (the config holds the command and the code's commit), to commit under results/;
+    the tables are rebuilt from DIR as from run folders. A record of another run of that name is kept."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    for d, c, m in _all_runs(root):
+        path, text = out / f"{d.name}{suffix}.json", json.dumps({"run": d.name, "config": c, "metrics": m}, indent=1) + "\n"
+        if path.exists() and path.read_text() != text:
+            print(f"kept {path}: it records another run than {d} (move one of them to record both)")
+        elif not path.exists():
+            path.write_text(text)
+            print(f"wrote {path}")
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -1322,9 +1343,9 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description="Build results/*.md tables from finished run folders.")
-    ap.add_argument("command", choices=["report", "apd", "robustness"])
-    ap.add_argument("root", type=Path, help="folder holding run folders (each with metrics.json)")
+    ap.add_argument("command", choices=["report", "apd", "robustness", "record"])
+    ap.add_argument("root", type=Path, help="folder holding run folders (each with metrics.json) or their records")
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--suffix", default="")
     args = ap.parse_args()
-    {"report": report, "apd": apd_report, "robustness": robustness_report}[args.command](args.root, args.out, args.suffix)
+    {"report": report, "apd": apd_report, "robustness": robustness_report, "record": record_runs}[args.command](args.root, args.out, args.suffix)

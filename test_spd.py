@@ -1367,6 +1367,42 @@ def test_report_tables_tms_mean_std_identity_count_and_resid_per_layer(tmp_path)
     assert "| resid_mlp1 (e) | 0.500 (1.0) | – | – | 50 (50) |" in md
 
 
+def test_records_of_finished_runs_rebuild_the_robustness_table(tmp_path, capsys):
+    """analysis.py record: one JSON per finished run, read back as the run folders are; the robustness
+    table from the records equals the one from the folders, and a record of another run is never overwritten."""
+    import dataclasses
+    import json
+
+    import apd
+    import train
+
+    def fake_run(name, method, seed, value, metrics):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        Config, presets, key = (apd.APDConfig, train.APD_PRESETS, "topk") if method == "apd" else (spd.SPDConfig, train.PRESETS, "importance_minimality")
+        config = {"model": "tms_5-2", "method": method, method: dataclasses.asdict(Config(**{**presets["tms_5-2"], "seed": seed, key: value})),
+                  "target": models.TARGET_PRESETS["tms_5-2"], "command": f"python train.py ({name})", "code": "abc"}
+        (tmp_path / "runs" / name / "config.json").write_text(json.dumps({"config": config}))
+        (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps(metrics))
+
+    good = {"features_with_own_component": 5, "mmcs_large": 1.0, "ml2r_large": 0.99}
+    fake_run("spd_s0", "spd", 0, 3e-3, {**good, "linear1/n_large_subcomponents": 5})
+    fake_run("spd_s1", "spd", 1, 3e-3, {**good, "features_with_own_component": 4, "linear1/n_large_subcomponents": 5})
+    fake_run("apd_s0", "apd", 0, 0.422, {**good, "linear1/n_large_components": 6})
+    (tmp_path / "runs" / "unfinished").mkdir()  # no metrics.json: not recorded
+    analysis.record_runs(tmp_path / "runs", tmp_path / "rec")
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == ["apd_s0.json", "spd_s0.json", "spd_s1.json"]
+    table = lambda root: analysis.robustness_table(analysis.robustness_rows(analysis._all_runs(root)))
+    assert table(tmp_path / "rec") == table(tmp_path / "runs")
+    assert "| SPD | importance_minimality | 1 | 0.003 | 1 / 2 | 5 / 5, 4 / 5 |" in table(tmp_path / "rec")
+    assert "| APD | topk | 2 | 0.422 | 0 / 1 | 5 / 6 |" in table(tmp_path / "rec")
+    before = (tmp_path / "rec" / "spd_s0.json").read_text()
+    (tmp_path / "runs" / "spd_s0" / "metrics.json").write_text(json.dumps({**good, "linear1/n_large_subcomponents": 7}))
+    capsys.readouterr()
+    analysis.record_runs(tmp_path / "runs", tmp_path / "rec")
+    assert (tmp_path / "rec" / "spd_s0.json").read_text() == before
+    assert "kept " + str(tmp_path / "rec" / "spd_s0.json") in capsys.readouterr().out
+
+
 # ================================================================================================
 # Ground-truth recovery (the SPD paper's Table 1 on CPU; paper-scale runs are marked slow)
 # ================================================================================================

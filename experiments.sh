@@ -25,6 +25,7 @@ if (( QUICK )); then  # about 8.4 hours of one CPU thread (measured), plus the t
   IH_ARGS="--steps 3000 --batch_size 64"; IH_TARGET="--target_steps 3000"
   SEEDS_APD="0 1 2"; APD_4010_SEEDS="0"
   SWEEP_SPD="--steps 20000 --batch_size 1024"; SWEEP_APD="--steps 10000"  # half of each paper's steps (SPD: a quarter of its batch)
+  SEEDS_SWEEP="0 1 2"
   SUFFIX=_quick
 else
   ROOT=runs/experiments; SEEDS_52="0 1 2 3 4"; SEEDS_4010="0 1 2 3 4"
@@ -32,7 +33,7 @@ else
   RESID_ARGS=""; RESID3_ARGS=""
   IH_ARGS=""; IH_TARGET=""
   SEEDS_APD="0 1 2"; APD_4010_SEEDS="0 1 2"
-  SWEEP_SPD=""; SWEEP_APD=""
+  SWEEP_SPD=""; SWEEP_APD=""; SEEDS_SWEEP="0 1 2 3 4"
   SUFFIX=""
 fi
 mkdir -p "$ROOT" results
@@ -82,10 +83,10 @@ fi
 
 # --- Robustness to the main hyperparameter, TMS 5-2 (the SPD paper's central claim): SPD over
 # importance minimality x {0.1, 0.3, 1, 3, 10} of the preset's, APD over batch top-k x {0.5, 0.75, 1,
-# 1.5, 2} of its preset's, 3 seeds each; results/robustness.md and its figure, and a small record of each
+# 1.5, 2} of its preset's, 5 seeds each (--quick: 3); results/robustness.md and its figure, and a small record of each
 # finished run in results/robustness_runs/ (analysis.py record; the table can be rebuilt from those alone)
 if [[ "$PART" == all || "$PART" == robustness ]]; then
-for seed in 0 1 2; do
+for seed in $SEEDS_SWEEP; do
   for x in 0.1 0.3 1 3 10; do
     run "robustness/spd_x${x}_s$seed" --model tms_5-2 --seed "$seed" $SWEEP_SPD \
         --importance_minimality "$(python -c "print(f'{$x * 3e-3:.6g}')")"

@@ -1200,9 +1200,8 @@ def _all_runs(root: Path) -> list[tuple[Path, dict, dict]]:
 
     folders = [(p.parent, json.loads((p.parent / "config.json").read_text())["config"], json.loads(p.read_text()))
                for p in sorted(root.glob("*/metrics.json"))]
-    records = [json.loads(p.read_text()) for p in sorted(root.glob("*.json"))]
-    return sorted(folders + [(root / r["run"], r["config"], r["metrics"]) for r in records if {"run", "config", "metrics"} <= r.keys()],
-                  key=lambda run: run[0].name)
+    records = [r for r in (json.loads(p.read_text()) for p in root.glob("*.json")) if {"run", "config", "metrics"} <= r.keys()]
+    return sorted(folders + [(root / r["run"], r["config"], r["metrics"]) for r in records], key=lambda run: run[0].name)
 
 
 def record_runs(root: Path, out: Path, suffix: str = "") -> None:
@@ -1211,11 +1210,14 @@ def record_runs(root: Path, out: Path, suffix: str = "") -> None:
     the tables are rebuilt from DIR as from run folders. A record of another run of that name is kept."""
     import json
 
+    runs = _all_runs(root) if root.is_dir() else []
+    if not runs:
+        raise SystemExit(f"record: no finished run in {root} (a run folder holds metrics.json once it has finished)")
     out.mkdir(parents=True, exist_ok=True)
-    for d, c, m in _all_runs(root):
+    for d, c, m in runs:
         path, text = out / f"{d.name}{suffix}.json", json.dumps({"run": d.name, "config": c, "metrics": m}, indent=1) + "\n"
         if path.exists() and path.read_text() != text:
-            print(f"kept {path}: it records another run than {d} (move one of them to record both)")
+            print(f"kept {path}: it differs from {d} (another run of that name, or re-evaluated); move it away to record {d}")
         elif not path.exists():
             path.write_text(text)
             print(f"wrote {path}")

@@ -1401,6 +1401,9 @@ def test_records_of_finished_runs_rebuild_the_robustness_table(tmp_path, capsys)
     analysis.record_runs(tmp_path / "runs", tmp_path / "rec")
     assert (tmp_path / "rec" / "spd_s0.json").read_text() == before
     assert "kept " + str(tmp_path / "rec" / "spd_s0.json") in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="record: no finished run in .*nowhere"):
+        analysis.record_runs(tmp_path / "nowhere", tmp_path / "rec2")
+    assert not (tmp_path / "rec2").exists()
 
 
 # ================================================================================================

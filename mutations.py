@@ -1,9 +1,9 @@
-"""Mutation check of the test suite: break one line of spd.py, models.py, apd.py, cluster.py or
-analysis.py at a time and see whether the tests fail.
+"""Mutation check of the test suite: break one line of spd.py, models.py, apd.py, cluster.py,
+analysis.py or (data parallelism) train.py at a time and see whether the tests fail.
 
-    python mutations.py                      # every mutation below, each file against its fast tests
-    python mutations.py --files apd.py       # one file's mutations only
-    python mutations.py --files spd.py -- test_spd.py -k "not recovers"   # another test selection (pytest arguments)
+    python mutations.py                      # every mutation below, each set against its fast tests
+    python mutations.py --sets apd.py        # one set's mutations only
+    python mutations.py --sets spd.py -- test_spd.py -k "not recovers"   # another test selection (pytest arguments)
 
 Each mutation is a one-line bug a reader of the paper could plausibly write. The file is restored after
 each run (and if the script is interrupted or terminated); while it runs, the checkout's file is
@@ -178,12 +178,33 @@ ANALYSIS_MUTATIONS = [
      "u_hat, v_hat = F.normalize(u, dim=0), v  # [d_out, K], [K, d_in]"),
 ]
 
-SETS = {  # file: (its mutations, its fast tests)
-    "spd.py": (MUTATIONS, FAST_TESTS),
-    "models.py": (MODELS_MUTATIONS, ["test_models.py", "-k", "not cli and not gpt2"]),
-    "apd.py": (APD_MUTATIONS, ["test_apd.py", "-k", "not recovers"]),
-    "cluster.py": (CLUSTER_MUTATIONS, ["test_cluster.py"]),
-    "analysis.py": (ANALYSIS_MUTATIONS, ["test_spd.py", "test_apd.py", "-k", "not recovers and not short_induction"]),
+TORCHRUN_SPD_MUTATIONS = [  # data parallelism, spd.py section H
+    ("gradients summed over the processes, not averaged", "flat /= dist.get_world_size()", "flat /= 1"),
+    ("no gradient averaging (each process steps on its own share)", "                average_gradients_(params)",
+     "                pass"),
+    ("replicas not started from process 0's values", "        broadcast_from_first_process_(params)", "        pass"),
+    ("checked and logged losses process 0's share, not the whole batch's",
+     "                average_over_processes_(list(shown.values()))", "                pass"),
+]
+
+TORCHRUN_TRAIN_MUTATIONS = [  # data parallelism, train.py
+    ("every process draws process 0's data",
+     "gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + PROCESS_SEED_STRIDE * rank)",
+     "gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)"),
+    ("every process draws process 0's masks (no reseed after the shared initialisation)",
+     "torch.manual_seed(cfg.seed + PROCESS_SEED_STRIDE * rank)  # masks", "pass  # masks"),
+    ("a resumed process gets process 0's random state", 'rngs = state["process_rngs"][rank] if world > 1 else state',
+     'rngs = state["process_rngs"][0] if world > 1 else state'),
+]
+
+SETS = {  # name: (the file it breaks, its mutations, its fast tests)
+    "spd.py": ("spd.py", MUTATIONS, FAST_TESTS),
+    "models.py": ("models.py", MODELS_MUTATIONS, ["test_models.py", "-k", "not cli and not gpt2"]),
+    "apd.py": ("apd.py", APD_MUTATIONS, ["test_apd.py", "-k", "not recovers"]),
+    "cluster.py": ("cluster.py", CLUSTER_MUTATIONS, ["test_cluster.py"]),
+    "analysis.py": ("analysis.py", ANALYSIS_MUTATIONS, ["test_spd.py", "test_apd.py", "-k", "not recovers and not short_induction"]),
+    "torchrun-spd.py": ("spd.py", TORCHRUN_SPD_MUTATIONS, ["test_distributed.py"]),
+    "torchrun-train.py": ("train.py", TORCHRUN_TRAIN_MUTATIONS, ["test_distributed.py"]),
 }
 
 
@@ -218,14 +239,14 @@ def run(file: str, mutations: list, tests: list[str]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--files", nargs="+", choices=list(SETS), default=list(SETS), help="whose mutations to run")
+    ap.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), help="which mutations to run")
     ap.add_argument("tests", nargs=argparse.REMAINDER, help="pytest arguments (default: each file's fast tests)")
     args = ap.parse_args()
     tests = args.tests[1:] if args.tests[:1] == ["--"] else args.tests
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so that `finally` restores the file
     missed = 0
-    for file in args.files:
-        mutations, default = SETS[file]
+    for name in args.sets:
+        file, mutations, default = SETS[name]
         missed += len(mutations) - run(file, mutations, tests or default)
     sys.exit(1 if missed else 0)
 

@@ -31,10 +31,10 @@ def _cfg(**kw) -> spd.SPDConfig:
     return spd.SPDConfig(targets=["linear1", "linear2"], C=8, steps=STEPS, batch_size=B, lr=1e-2, **kw)
 
 
-def _decomposition(cfg):
+def _decomposition(cfg, seed: int = 1):
     torch.manual_seed(0)
     target = models.TMS(5, 2)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     return spd.Decomposition.from_config(target, cfg)
 
 
@@ -44,9 +44,11 @@ def _global_batch(step: int) -> torch.Tensor:  # the same stream of whole batche
 
 def _run(rank: int, world: int, cfg, shard: bool, shard_optimizer: bool = False) -> dict:
     """optimize on this process's share (rows rank::world of each whole batch, shard) or on all of it;
-    also the numbers of Adam's first moment this process holds, and (process 0) the optimizer's state."""
+    also the numbers of Adam's first moment this process holds, and (process 0) the optimizer's state.
+    Each process initialises its decomposition from its own seed: optimize starts every one from
+    process 0's values, the one-process run's."""
     torch.set_num_threads(1)
-    dec = _decomposition(cfg)
+    dec = _decomposition(cfg, seed=1 + rank)
     step = [0]
 
     def batch_fn(b):
@@ -200,8 +202,9 @@ def _argv(tmp_path, out, *extra):
             "--log_every", "5", "--target_dir", str(tmp_path / "targets"), "--out", str(tmp_path / out), "--no_progress", *extra]
 
 
-def _cli_worker(rank: int, world: int, port: int, argv: list, fail_at: int | None) -> None:
-    """A process as torchrun starts it (its environment), running train.main; fail_at: die at that step."""
+def _cli_worker(rank: int, world: int, port: int, argv: list, fail_at: int | None, rng_dir: str | None = None) -> None:
+    """A process as torchrun starts it (its environment), running train.main; fail_at: die at that step;
+    rng_dir: save there the random state that draws the first step's masks (rank{rank}.pt)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -211,14 +214,15 @@ def _cli_worker(rank: int, world: int, port: int, argv: list, fail_at: int | Non
         assert shard == ("--shard_optimizer" in argv)
         return make_optimizer(dec, cfg, shard)
     spd.make_optimizer = checked
-    if fail_at is not None:
-        lr_at = spd.lr_at
+    lr_at, first = spd.lr_at, []
 
-        def dying(step, cfg):
-            if step == fail_at:
-                raise RuntimeError("killed")
-            return lr_at(step, cfg)
-        spd.lr_at = dying
+    def hooked(step, cfg):  # called at the start of every step
+        if rng_dir is not None and not first:
+            first.append(torch.save(torch.get_rng_state(), f"{rng_dir}/rank{rank}.pt"))
+        if step == fail_at:
+            raise RuntimeError("killed")
+        return lr_at(step, cfg)
+    spd.lr_at = hooked
     try:
         train.main(argv)
     except RuntimeError as e:
@@ -242,7 +246,10 @@ def test_cli_under_torchrun_writes_one_run_folder_and_a_killed_run_resumes_exact
     assert len(state["process_rngs"]) == 2 and not torch.equal(*(r["data_rng"] for r in state["process_rngs"]))
     assert spd.read_config(whole)["config"]["processes"] == 2
 
-    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "killed"), 13), nprocs=2, join=True)
+    mp.spawn(_cli_worker, args=(2, _free_port(), _argv(tmp_path, "killed"), 13, str(tmp_path)), nprocs=2, join=True)
+    # each process its own masks from the first step on (later, the CPU's skipped all-zero rows, a
+    # count that depends on the data, would part the random states even if the processes shared a seed)
+    assert not torch.equal(*(torch.load(tmp_path / f"rank{r}.pt") for r in range(2)))
     killed = tmp_path / "killed"
     assert spd.read_config(killed)["step"] == 10 and not (killed / "metrics.json").exists()
     with pytest.raises(SystemExit, match="checkpointed by 2 process"):  # one process cannot continue it

@@ -1616,7 +1616,7 @@ def test_every_mutation_still_finds_its_line():
     has (after a rewrite) would stop the check, so each must still be there exactly once."""
     import mutations
 
-    stale = {file: mutations.stale(file, mutations_of_file) for file, (mutations_of_file, _) in mutations.SETS.items()}
+    stale = {name: mutations.stale(file, muts) for name, (file, muts, _) in mutations.SETS.items()}
     assert not any(stale.values()), f"update mutations.py: {stale}"
 
 

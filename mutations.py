@@ -240,7 +240,7 @@ def run(file: str, mutations: list, tests: list[str]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS), help="which mutations to run")
-    ap.add_argument("tests", nargs=argparse.REMAINDER, help="pytest arguments (default: each file's fast tests)")
+    ap.add_argument("tests", nargs=argparse.REMAINDER, help="pytest arguments (default: each set's fast tests)")
     args = ap.parse_args()
     tests = args.tests[1:] if args.tests[:1] == ["--"] else args.tests
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so that `finally` restores the file

@@ -218,7 +218,8 @@ def _cli_worker(rank: int, world: int, port: int, argv: list, fail_at: int | Non
 
     def hooked(step, cfg):  # called at the start of every step
         if rng_dir is not None and not first:
-            first.append(torch.save(torch.get_rng_state(), f"{rng_dir}/rank{rank}.pt"))
+            torch.save(torch.get_rng_state(), f"{rng_dir}/rank{rank}.pt")
+            first.append(step)
         if step == fail_at:
             raise RuntimeError("killed")
         return lr_at(step, cfg)

@@ -1074,6 +1074,8 @@ def _jsonable(o):
 # `optimize` uses spd_losses_fast on a CPU, where each piece was measured to pay (results/benchmark.md);
 # on a GPU it runs the plain spd_losses: these were not measured there, and the row skip needs
 # host-device syncs and data-dependent shapes. test_spd.py checks every piece against the plain form.
+# Same values for the same masks: the row skip draws masks for the live rows only, so from one seed
+# it draws other (equally distributed) masks than the plain form, and how many depends on the data.
 
 FAST_CPU = True  # False: optimize runs the plain spd_losses on a CPU too
 

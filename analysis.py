@@ -1216,11 +1216,11 @@ def record_runs(root: Path, out: Path, suffix: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     for d, c, m in runs:
         path, text = out / f"{d.name}{suffix}.json", json.dumps({"run": d.name, "config": c, "metrics": m}, indent=1) + "\n"
-        if path.exists() and path.read_text() != text:
-            print(f"kept {path}: it differs from {d} (another run of that name, or re-evaluated); move it away to record {d}")
-        elif not path.exists():
+        if not path.exists():
             path.write_text(text)
             print(f"wrote {path}")
+        elif path.read_text() != text:
+            print(f"kept {path}: it differs from {d} (another run of that name, or re-evaluated); move it away to record {d}")
 
 
 def _mean_std(xs: list[float]) -> str:

@@ -216,8 +216,9 @@ def stale(file: str, mutations: list) -> list[str]:
 
 def run(file: str, mutations: list, tests: list[str]) -> int:
     """Each mutation of `file` in turn against `tests`; prints one line each; returns how many were caught."""
-    if stale(file, mutations):
-        raise SystemExit(f"mutations {stale(file, mutations)}: their lines are no longer in {file} once; update mutations.py")
+    missing = stale(file, mutations)
+    if missing:
+        raise SystemExit(f"mutations {missing}: their lines are no longer in {file} once; update mutations.py")
     path = HERE / file
     original = path.read_text()
     caught = 0

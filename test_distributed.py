@@ -214,12 +214,11 @@ def _cli_worker(rank: int, world: int, port: int, argv: list, fail_at: int | Non
         assert shard == ("--shard_optimizer" in argv)
         return make_optimizer(dec, cfg, shard)
     spd.make_optimizer = checked
-    lr_at, first = spd.lr_at, []
+    lr_at = spd.lr_at
 
     def hooked(step, cfg):  # called at the start of every step
-        if rng_dir is not None and not first:
+        if rng_dir is not None and step == 0:  # a fresh run's first step
             torch.save(torch.get_rng_state(), f"{rng_dir}/rank{rank}.pt")
-            first.append(step)
         if step == fail_at:
             raise RuntimeError("killed")
         return lr_at(step, cfg)

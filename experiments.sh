@@ -48,23 +48,26 @@ run() {  # run NAME ARGS...: one decomposition unless it already finished; a kil
 }
 
 if [[ "$PART" == all || "$PART" == spd ]]; then
+# A small record of each finished run in results/spd_runs/ (analysis.py record), to commit as runs
+# finish: `python analysis.py report results/spd_runs --out results` rebuilds the tables from those alone
+record() { python analysis.py record "$ROOT" --out "results/spd${SUFFIX}_runs"; }
 # --- SPD paper Table 1: the four TMS models over seeds
 for seed in $SEEDS_52; do
-  run "tms_5-2_s$seed"      --model tms_5-2      --seed "$seed" --steps "$TMS_STEPS"
-  run "tms_5-2-id_s$seed"   --model tms_5-2-id   --seed "$seed" --steps "$TMS_STEPS"
+  run "tms_5-2_s$seed"      --model tms_5-2      --seed "$seed" --steps "$TMS_STEPS"; record
+  run "tms_5-2-id_s$seed"   --model tms_5-2-id   --seed "$seed" --steps "$TMS_STEPS"; record
 done
 for seed in $SEEDS_4010; do
-  run "tms_40-10_s$seed"    --model tms_40-10    --seed "$seed" --steps "$TMS_40_STEPS"
-  run "tms_40-10-id_s$seed" --model tms_40-10-id --seed "$seed" --steps "$TMS_40_STEPS"
+  run "tms_40-10_s$seed"    --model tms_40-10    --seed "$seed" --steps "$TMS_40_STEPS"; record
+  run "tms_40-10-id_s$seed" --model tms_40-10-id --seed "$seed" --steps "$TMS_40_STEPS"; record
 done
 
 # --- SPD paper residual MLPs (Figures 6-13)
-run resid_mlp1 --model resid_mlp1 $RESID_ARGS
-run resid_mlp2 --model resid_mlp2 $RESID_ARGS
-run resid_mlp3 --model resid_mlp3 $RESID3_ARGS
+run resid_mlp1 --model resid_mlp1 $RESID_ARGS; record
+run resid_mlp2 --model resid_mlp2 $RESID_ARGS; record
+run resid_mlp3 --model resid_mlp3 $RESID3_ARGS; record
 
 # --- Transformer paper: induction heads, Table 1 and Figure 2
-run induction --model induction $IH_ARGS $IH_TARGET
+run induction --model induction $IH_ARGS $IH_TARGET; record
 
 python analysis.py report "$ROOT" --out results --suffix "$SUFFIX"
 fi

@@ -545,6 +545,32 @@ def test_code_version_is_unknown_for_an_untracked_copy(tmp_path):
     assert copy.code_version() == "unknown (not a git checkout)"
 
 
+def test_code_version_marks_a_change_to_any_module_a_run_executes(tmp_path):
+    """A run of changed code is recorded as the commit "+dirty", whichever of its modules changed."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    import train
+
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    for name in train.RUN_MODULES:
+        shutil.copy(Path(train.__file__).parent / name, tmp_path / name)
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "copy")
+    spec = importlib.util.spec_from_file_location("train_copy", tmp_path / "train.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert re.fullmatch(r"[0-9a-f]{7,}", copy.code_version())
+    for name in train.RUN_MODULES:
+        text = (tmp_path / name).read_text()
+        (tmp_path / name).write_text(text + "# changed\n")
+        assert copy.code_version().endswith("+dirty"), name
+        (tmp_path / name).write_text(text)
+    assert "apd.py" in train.RUN_MODULES  # --method apd runs it
+
+
 def test_report_command_is_the_command_that_made_the_run(tmp_path):
     """results/*.md prints each run's recorded command; fed back to train.py's parser, it gives the run's config."""
     import dataclasses

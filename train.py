@@ -582,15 +582,18 @@ def log_to_wandb(wb, metrics: dict, out: Path, step: int) -> None:
     wb.finish()
 
 
+RUN_MODULES = ("spd.py", "apd.py", "models.py", "train.py", "analysis.py")  # what a run executes
+
+
 def code_version() -> str:
     """The git commit of this code, recorded in each run's config; "+dirty" if one of the modules a
-    run executes (spd, models, train, analysis) differs from that commit."""
+    run executes (spd, apd, models, train, analysis) differs from that commit."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
         if git("ls-files", "train.py"):  # untracked e.g. when installed into a venv inside another repository
-            dirty = git("status", "--porcelain", "--", "spd.py", "models.py", "train.py", "analysis.py")
+            dirty = git("status", "--porcelain", "--", *RUN_MODULES)
             return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         pass

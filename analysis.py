@@ -1128,7 +1128,7 @@ def tms_table(runs) -> str:
         W = per_seed("linear1/n_large_subcomponents", target["n_features"])
         identity = per_seed("hidden_layers.0/n_large_subcomponents", target["n_hidden"]) if model.endswith("-id") else "–"
         large = [m["ml2r_large"] for _, _, m in rows if "ml2r_large" in m]
-        large = f"{sum(large) / len(large):.3f} ({len(large)} seeds)" if large else "–"
+        large = f"{sum(large) / len(large):.3f} ({len(large)} seed{'s' * (len(large) > 1)})" if large else "–"
         lines.append(f"| {model} | {mm.mean():.3f} ± {sd(mm):.3f} | {ml.mean():.3f} ± {sd(ml):.3f} | {len(rows)} | "
                      f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} | {W} | {identity} | "
                      f"{large} |")

@@ -33,7 +33,7 @@ else
   RESID_ARGS=""; RESID3_ARGS=""
   IH_ARGS=""; IH_TARGET=""
   SEEDS_APD="0 1 2"; APD_4010_SEEDS="0 1 2"
-  SWEEP_SPD=""; SWEEP_APD=""; SEEDS_SWEEP="0 1 2 3 4"
+  SWEEP_SPD=""; SWEEP_APD=""; SEEDS_SWEEP="0 1 2 3 4 5"
   SUFFIX=""
 fi
 mkdir -p "$ROOT" results
@@ -86,7 +86,7 @@ fi
 
 # --- Robustness to the main hyperparameter, TMS 5-2 (the SPD paper's central claim): SPD over
 # importance minimality x {0.1, 0.3, 0.5, 1, 2, 3, 10} of the preset's (0.5 and 2 as APD's outer
-# points), APD over batch top-k x {0.5, 0.75, 1, 1.5, 2} of its preset's, 5 seeds each (--quick: 3);
+# points), APD over batch top-k x {0.5, 0.75, 1, 1.5, 2} of its preset's, 6 seeds each (--quick: 3);
 # results/robustness.md and its figure, and a small record of each finished run in
 # results/robustness_runs/ (analysis.py record; the table can be rebuilt from those alone)
 if [[ "$PART" == all || "$PART" == robustness ]]; then

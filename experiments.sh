@@ -47,27 +47,29 @@ run() {  # run NAME ARGS...: one decomposition unless it already finished; a kil
   python train.py "$@" --out "$out" --no_progress --log_every 1000 "${resume[@]}"
 }
 
+record() {  # record DIR NAME: a small record of each finished run in DIR into results/NAME_runs/ (analysis.py
+  # record), to commit as runs finish; `python analysis.py report|robustness results/NAME_runs` rebuilds the tables
+  python analysis.py record "$1" --out "results/$2${SUFFIX}_runs"
+}
+
 if [[ "$PART" == all || "$PART" == spd ]]; then
-# A small record of each finished run in results/spd_runs/ (analysis.py record), to commit as runs
-# finish: `python analysis.py report results/spd_runs --out results` rebuilds the tables from those alone
-record() { python analysis.py record "$ROOT" --out "results/spd${SUFFIX}_runs"; }
 # --- SPD paper Table 1: the four TMS models over seeds
 for seed in $SEEDS_52; do
-  run "tms_5-2_s$seed"      --model tms_5-2      --seed "$seed" --steps "$TMS_STEPS"; record
-  run "tms_5-2-id_s$seed"   --model tms_5-2-id   --seed "$seed" --steps "$TMS_STEPS"; record
+  run "tms_5-2_s$seed"      --model tms_5-2      --seed "$seed" --steps "$TMS_STEPS"; record "$ROOT" spd
+  run "tms_5-2-id_s$seed"   --model tms_5-2-id   --seed "$seed" --steps "$TMS_STEPS"; record "$ROOT" spd
 done
 for seed in $SEEDS_4010; do
-  run "tms_40-10_s$seed"    --model tms_40-10    --seed "$seed" --steps "$TMS_40_STEPS"; record
-  run "tms_40-10-id_s$seed" --model tms_40-10-id --seed "$seed" --steps "$TMS_40_STEPS"; record
+  run "tms_40-10_s$seed"    --model tms_40-10    --seed "$seed" --steps "$TMS_40_STEPS"; record "$ROOT" spd
+  run "tms_40-10-id_s$seed" --model tms_40-10-id --seed "$seed" --steps "$TMS_40_STEPS"; record "$ROOT" spd
 done
 
 # --- SPD paper residual MLPs (Figures 6-13)
-run resid_mlp1 --model resid_mlp1 $RESID_ARGS; record
-run resid_mlp2 --model resid_mlp2 $RESID_ARGS; record
-run resid_mlp3 --model resid_mlp3 $RESID3_ARGS; record
+run resid_mlp1 --model resid_mlp1 $RESID_ARGS; record "$ROOT" spd
+run resid_mlp2 --model resid_mlp2 $RESID_ARGS; record "$ROOT" spd
+run resid_mlp3 --model resid_mlp3 $RESID3_ARGS; record "$ROOT" spd
 
 # --- Transformer paper: induction heads, Table 1 and Figure 2
-run induction --model induction $IH_ARGS $IH_TARGET; record
+run induction --model induction $IH_ARGS $IH_TARGET; record "$ROOT" spd
 
 python analysis.py report "$ROOT" --out results --suffix "$SUFFIX"
 fi
@@ -94,12 +96,12 @@ for seed in $SEEDS_SWEEP; do
   for x in 0.1 0.3 0.5 1 2 3 10; do
     run "robustness/spd_x${x}_s$seed" --model tms_5-2 --seed "$seed" $SWEEP_SPD \
         --importance_minimality "$(python -c "print(f'{$x * 3e-3:.6g}')")"
-    python analysis.py record "$ROOT/robustness" --out "results/robustness${SUFFIX}_runs"  # to commit as runs finish
+    record "$ROOT/robustness" robustness
   done
   for x in 0.5 0.75 1 1.5 2; do
     run "robustness/apd_x${x}_s$seed" --model tms_5-2 --method apd --seed "$seed" $SWEEP_APD \
         --topk "$(python -c "print(f'{$x * 0.211:.6g}')")"
-    python analysis.py record "$ROOT/robustness" --out "results/robustness${SUFFIX}_runs"
+    record "$ROOT/robustness" robustness
   done
 done
 python analysis.py robustness "$ROOT/robustness" --out results --suffix "$SUFFIX"

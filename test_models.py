@@ -528,9 +528,18 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path):
     assert logged == sorted(set(logged)) and logged[-1] == 2999 and (out / "metrics.json").exists()
 
 
+def _train_copy(folder: Path):
+    """The train module loaded from folder/train.py (a copy), so its code_version looks at folder's git."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_copy", folder / "train.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    return copy
+
+
 def test_code_version_is_unknown_for_an_untracked_copy(tmp_path):
     """A copy of train.py that its enclosing git repository does not track records no commit."""
-    import importlib.util
     import shutil
     import subprocess
 
@@ -539,15 +548,11 @@ def test_code_version_is_unknown_for_an_untracked_copy(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{7,}(\+dirty)?|unknown .*", train.code_version())
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     shutil.copy(train.__file__, tmp_path / "train.py")
-    spec = importlib.util.spec_from_file_location("train_copy", tmp_path / "train.py")
-    copy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(copy)
-    assert copy.code_version() == "unknown (not a git checkout)"
+    assert _train_copy(tmp_path).code_version() == "unknown (not a git checkout)"
 
 
 def test_code_version_marks_a_change_to_any_module_a_run_executes(tmp_path):
     """A run of changed code is recorded as the commit "+dirty", whichever of its modules changed."""
-    import importlib.util
     import shutil
     import subprocess
 
@@ -559,9 +564,7 @@ def test_code_version_marks_a_change_to_any_module_a_run_executes(tmp_path):
         shutil.copy(Path(train.__file__).parent / name, tmp_path / name)
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "copy")
-    spec = importlib.util.spec_from_file_location("train_copy", tmp_path / "train.py")
-    copy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(copy)
+    copy = _train_copy(tmp_path)
     assert re.fullmatch(r"[0-9a-f]{7,}", copy.code_version())
     for name in train.RUN_MODULES:
         text = (tmp_path / name).read_text()

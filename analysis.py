@@ -1121,7 +1121,7 @@ def tms_table(runs) -> str:
             continue
         mm = torch.tensor([m["mmcs"] for _, _, m in rows])
         ml = torch.tensor([m["ml2r"] for _, _, m in rows])
-        sd = lambda t: t.std().item() if len(t) > 1 else 0.0  # noqa: E731
+        spread = lambda t: f"{t.mean():.3f} ± {t.std():.3f}" if len(t) > 1 else f"{t.mean():.3f}"  # noqa: E731
         steps = sorted({c["spd"]["steps"] for _, c, _ in rows})
         per_seed = lambda key, n: f"{', '.join(str(m.get(key, '?')) for _, _, m in rows)} ({n})"  # noqa: E731
         target = rows[0][1]["target"]
@@ -1129,11 +1129,12 @@ def tms_table(runs) -> str:
         identity = per_seed("hidden_layers.0/n_large_subcomponents", target["n_hidden"]) if model.endswith("-id") else "–"
         large = [m["ml2r_large"] for _, _, m in rows if "ml2r_large" in m]
         large = f"{sum(large) / len(large):.3f} ({len(large)} seed{'s' * (len(large) > 1)})" if large else "–"
-        lines.append(f"| {model} | {mm.mean():.3f} ± {sd(mm):.3f} | {ml.mean():.3f} ± {sd(ml):.3f} | {len(rows)} | "
+        lines.append(f"| {model} | {spread(mm)} | {spread(ml)} | {len(rows)} | "
                      f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} | {W} | {identity} | "
                      f"{large} |")
         commands += [_command(d, c) for d, c, _ in rows]
-    lines += ["", "± is the standard deviation over decomposition seeds (the paper does not say over what). "
+    lines += ["", "± is the standard deviation over decomposition seeds (the paper does not say over what); "
+              "a row of one seed has none. "
               "W subcomponents: how many of linear1's have norm > 0.1; fewer than the features means SPD "
               "merged two features into one subcomponent in that seed. ML2R over large subcomponents: the same "
               "ratio with the max over the subcomponents of norm > 0.1 only (the paper's max over all C can pick a "

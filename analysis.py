@@ -1119,9 +1119,7 @@ def tms_table(runs) -> str:
         rows = [(d, c, m) for d, c, m in runs if c["model"] == model]
         if not rows:
             continue
-        mm = torch.tensor([m["mmcs"] for _, _, m in rows])
-        ml = torch.tensor([m["ml2r"] for _, _, m in rows])
-        spread = lambda t: f"{t.mean():.3f} ± {t.std():.3f}" if len(t) > 1 else f"{t.mean():.3f}"  # noqa: E731
+        mm, ml = ([m[key] for _, _, m in rows] for key in ("mmcs", "ml2r"))
         steps = sorted({c["spd"]["steps"] for _, c, _ in rows})
         per_seed = lambda key, n: f"{', '.join(str(m.get(key, '?')) for _, _, m in rows)} ({n})"  # noqa: E731
         target = rows[0][1]["target"]
@@ -1129,7 +1127,7 @@ def tms_table(runs) -> str:
         identity = per_seed("hidden_layers.0/n_large_subcomponents", target["n_hidden"]) if model.endswith("-id") else "–"
         large = [m["ml2r_large"] for _, _, m in rows if "ml2r_large" in m]
         large = f"{sum(large) / len(large):.3f} ({len(large)} seed{'s' * (len(large) > 1)})" if large else "–"
-        lines.append(f"| {model} | {spread(mm)} | {spread(ml)} | {len(rows)} | "
+        lines.append(f"| {model} | {_mean_std(mm, ddof=1)} | {_mean_std(ml, ddof=1)} | {len(rows)} | "
                      f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} | {W} | {identity} | "
                      f"{large} |")
         commands += [_command(d, c) for d, c, _ in rows]
@@ -1224,8 +1222,9 @@ def record_runs(root: Path, out: Path, suffix: str = "") -> None:
             print(f"kept {path}: it differs from {d} (another run of that name, or re-evaluated); move it away to record {d}")
 
 
-def _mean_std(xs: list[float]) -> str:
-    return f"{np.mean(xs):.3f} ± {np.std(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+def _mean_std(xs: list[float], ddof: int = 0) -> str:
+    """mean ± std (ddof 1: the sample std), or the value alone for one run."""
+    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=ddof):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
 def apd_table(runs) -> str:

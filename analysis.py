@@ -117,13 +117,17 @@ def evaluate_tms(dec: spd.Decomposition, out_dir: Path, norm_threshold: float = 
     for the -id models, of the identity (the paper's Figure 3 expects n_hidden)."""
     U, V = dec.UV("linear1")
     W = dec.target_weights()["linear1"]
-    mmcs, ml2r = spd.mmcs_ml2r(W, U, V)
+    cos, ratio = spd.max_cos_and_l2_ratio(W, U.T[:, :, None] * V[:, None, :])
+    mmcs, ml2r = cos.mean().item(), ratio.mean().item()
     # The paper's max over all C subcomponents can pick a dead one (norm ~1e-3) that points along a
     # feature more exactly than that feature's large one: ML2R then counts ~0 for it (seen in a run of
     # the authors' code, results/parity.md). The same metrics over the large subcomponents only:
     large = subcomponent_norms(dec, "linear1") > norm_threshold
     mmcs_large, ml2r_large = spd.mmcs_ml2r(W, U[:, large], V[large]) if large.any() else (float("nan"),) * 2
     out = {"mmcs": mmcs, "ml2r": ml2r, "mmcs_large": mmcs_large, "ml2r_large": ml2r_large,
+           # the "Std" that the authors' code prints beside MMCS and ML2R: over the features of one run
+           # (torch.std, unbiased); the paper does not say whether its Table 1's ± is this or over seeds
+           "mmcs_std_over_features": cos.std().item(), "ml2r_std_over_features": ratio.std().item(),
            "features_with_own_component": features_with_own_component(W, U.T[large][:, :, None] * V[large][:, None, :])}
     for name in ["linear1", *(n for n in dec.names if n.startswith("hidden_layers"))]:
         norms = subcomponent_norms(dec, name)
@@ -1112,8 +1116,9 @@ def _command(run_dir: Path, run_cfg: dict) -> str:
 def tms_table(runs) -> str:
     """SPD paper Table 1: MMCS and ML2R of linear1, mean ± std over decomposition seeds."""
     lines = ["| Model | MMCS (ours) | ML2R (ours) | seeds | steps | MMCS (paper) | ML2R (paper) | W subcomponents per "
-             "seed (expected) | identity subcomponents per seed (expected) | ML2R over large subcomponents |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "seed (expected) | identity subcomponents per seed (expected) | ML2R over large subcomponents | "
+             "ML2R std over features, per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     commands = []
     for model in PAPER_TMS:
         rows = [(d, c, m) for d, c, m in runs if c["model"] == model]
@@ -1127,12 +1132,15 @@ def tms_table(runs) -> str:
         identity = per_seed("hidden_layers.0/n_large_subcomponents", target["n_hidden"]) if model.endswith("-id") else "–"
         large = [m["ml2r_large"] for _, _, m in rows if "ml2r_large" in m]
         large = f"{sum(large) / len(large):.3f} ({len(large)} seed{'s' * (len(large) > 1)})" if large else "–"
+        over_features = [m.get("ml2r_std_over_features") for _, _, m in rows]
+        over_features = ", ".join("?" if v is None else f"{v:.3f}" for v in over_features) if any(over_features) else "–"
         lines.append(f"| {model} | {_mean_std(mm, ddof=1)} | {_mean_std(ml, ddof=1)} | {len(rows)} | "
                      f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} | {W} | {identity} | "
-                     f"{large} |")
+                     f"{large} | {over_features} |")
         commands += [_command(d, c) for d, c, _ in rows]
-    lines += ["", "± is the standard deviation over decomposition seeds (the paper does not say over what); "
-              "a row of one seed has none. "
+    lines += ["", "± is the sample standard deviation over decomposition seeds; a row of one seed has none. The "
+              "paper does not say what its ± is over; the authors' code prints the std over the features of one run, "
+              "shown in the last column for the runs evaluated since it is recorded (?: an older run; –: no run of the row). "
               "W subcomponents: how many of linear1's have norm > 0.1; fewer than the features means SPD "
               "merged two features into one subcomponent in that seed. ML2R over large subcomponents: the same "
               "ratio with the max over the subcomponents of norm > 0.1 only (the paper's max over all C can pick a "

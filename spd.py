@@ -944,13 +944,19 @@ def mmcs_ml2r(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[float,
 def mmcs_ml2r_matrices(W: torch.Tensor, sub: torch.Tensor) -> tuple[float, float]:
     """mmcs_ml2r for any matrices sub [C, d_out, d_in] (APD eq. 3 and the ML2R after it: its full-rank
     parameter components), compared column by column with W [d_out, d_in]."""
+    best, ratio = max_cos_and_l2_ratio(W, sub)
+    return best.mean().item(), ratio.mean().item()
+
+
+def max_cos_and_l2_ratio(W: torch.Tensor, sub: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms that MMCS and ML2R average, one per column j of W [d_out, d_in]:
+    max_c cos(sub[c, :, j], W[:, j]) and |sub[mcs(j), :, j]| / |W[:, j]|.   [d_in], [d_in]"""
     sub = sub.detach()
     norms = sub.norm(dim=1)  # [C, d_in]
     W_norms = W.norm(dim=0)  # [d_in]
     cos = torch.einsum("coj,oj->cj", sub, W) / ((norms + 1e-12) * (W_norms + 1e-12))  # [C, d_in]
     best, idx = cos.max(dim=0)  # [d_in]
-    ratio = norms.gather(0, idx[None])[0] / W_norms
-    return best.mean().item(), ratio.mean().item()
+    return best, norms.gather(0, idx[None])[0] / W_norms
 
 
 def ci_l0(ci: dict[str, torch.Tensor], threshold: float = 0.0) -> dict[str, float]:

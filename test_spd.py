@@ -763,6 +763,9 @@ def test_evaluate_tms_ml2r_over_large_subcomponents_ignores_a_dead_aligned_one(t
     assert m["ml2r"] == pytest.approx((1e-3 + 1.0) / 2, abs=1e-4)
     assert m["ml2r_large"] == pytest.approx((math.hypot(1.0, 0.02) + 1.0) / 2, abs=1e-4)
     assert m["mmcs_large"] == pytest.approx((1 / math.hypot(1.0, 0.02) + 1.0) / 2, abs=1e-5)
+    # the authors' code's "Std": over the features, unbiased (n - 1): ratios 1e-3 and 1, cosines 1 and 1
+    assert m["ml2r_std_over_features"] == pytest.approx((1.0 - 1e-3) / math.sqrt(2), abs=1e-4)
+    assert m["mmcs_std_over_features"] == pytest.approx(0.0, abs=1e-6)
     assert m["linear1/n_large_subcomponents"] == 2
 
 
@@ -1347,14 +1350,15 @@ def test_report_tables_tms_mean_std_identity_count_and_resid_per_layer(tmp_path)
         (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
 
     fake_run("a", "tms_5-2", 0, {"mmcs": 1.0, "ml2r": 0.99, "linear1/n_large_subcomponents": 5, "ml2r_large": 0.99})
-    fake_run("b", "tms_5-2", 1, {"mmcs": 0.98, "ml2r": 1.01, "linear1/n_large_subcomponents": 4, "ml2r_large": 1.02})
+    fake_run("b", "tms_5-2", 1, {"mmcs": 0.98, "ml2r": 1.01, "linear1/n_large_subcomponents": 4, "ml2r_large": 1.02,
+                                         "ml2r_std_over_features": 0.0123})  # evaluated since it was recorded
     fake_run("c", "tms_5-2-id", 0, {"mmcs": 1.0, "ml2r": 1.0, "hidden_layers.0/n_large_subcomponents": 2})
     analysis.report(tmp_path, tmp_path / "out")
     md = (tmp_path / "out" / "tms_table1.md").read_text()
     # mean and sample std by hand: MMCS 0.99 ± 0.0141, ML2R 1.00 ± 0.0141
     assert ("| tms_5-2 | 0.990 ± 0.014 | 1.000 ± 0.014 | 2 | 40000 | 1.000 ± 0.000 | 0.993 ± 0.002 | 5, 4 (5) | – | "
-            "1.005 (2 seeds) |") in md
-    assert "| tms_5-2-id | 1.000 | 1.000 | 1 | 40000 |" in md and "| ? (5) | 2 (2) | – |" in md  # one seed: no ±
+            "1.005 (2 seeds) | ?, 0.012 |") in md
+    assert "| tms_5-2-id | 1.000 | 1.000 | 1 | 40000 |" in md and "| ? (5) | 2 (2) | – | – |" in md  # one seed: no ±
     assert f"python train.py --model tms_5-2 --seed 1 --out {tmp_path / 'b'}  # code abc" in md
     resid = {"in_monosemantic_fraction": 0.5, "out_alive_count": 50, "out_active_fraction": 0.9, "out_dense_count": 48,
              "neuron_contribution_corr": 0.99, "eval_losses": {"stochastic_recon": 1e-5}}

@@ -117,18 +117,19 @@ def evaluate_tms(dec: spd.Decomposition, out_dir: Path, norm_threshold: float = 
     for the -id models, of the identity (the paper's Figure 3 expects n_hidden)."""
     U, V = dec.UV("linear1")
     W = dec.target_weights()["linear1"]
-    cos, ratio = spd.max_cos_and_l2_ratio(W, U.T[:, :, None] * V[:, None, :])
+    sub = U.T[:, :, None] * V[:, None, :]  # u_c v_c^T   [C, d_out, d_in]
+    cos, ratio = spd.max_cos_and_l2_ratio(W, sub)
     mmcs, ml2r = cos.mean().item(), ratio.mean().item()
     # The paper's max over all C subcomponents can pick a dead one (norm ~1e-3) that points along a
     # feature more exactly than that feature's large one: ML2R then counts ~0 for it (seen in a run of
     # the authors' code, results/parity.md). The same metrics over the large subcomponents only:
     large = subcomponent_norms(dec, "linear1") > norm_threshold
-    mmcs_large, ml2r_large = spd.mmcs_ml2r(W, U[:, large], V[large]) if large.any() else (float("nan"),) * 2
+    mmcs_large, ml2r_large = spd.mmcs_ml2r_matrices(W, sub[large]) if large.any() else (float("nan"),) * 2
     out = {"mmcs": mmcs, "ml2r": ml2r, "mmcs_large": mmcs_large, "ml2r_large": ml2r_large,
            # the "Std" that the authors' code prints beside MMCS and ML2R: over the features of one run
            # (torch.std, unbiased); the paper does not say whether its Table 1's ± is this or over seeds
            "mmcs_std_over_features": cos.std().item(), "ml2r_std_over_features": ratio.std().item(),
-           "features_with_own_component": features_with_own_component(W, U.T[large][:, :, None] * V[large][:, None, :])}
+           "features_with_own_component": features_with_own_component(W, sub[large])}
     for name in ["linear1", *(n for n in dec.names if n.startswith("hidden_layers"))]:
         norms = subcomponent_norms(dec, name)
         out[f"{name}/n_large_subcomponents"] = int((norms > norm_threshold).sum())
@@ -1133,7 +1134,7 @@ def tms_table(runs) -> str:
         large = [m["ml2r_large"] for _, _, m in rows if "ml2r_large" in m]
         large = f"{sum(large) / len(large):.3f} ({len(large)} seed{'s' * (len(large) > 1)})" if large else "–"
         over_features = [m.get("ml2r_std_over_features") for _, _, m in rows]
-        over_features = ", ".join("?" if v is None else f"{v:.3f}" for v in over_features) if any(over_features) else "–"
+        over_features = ", ".join("?" if v is None else f"{v:.3f}" for v in over_features) if any(v is not None for v in over_features) else "–"
         lines.append(f"| {model} | {_mean_std(mm, ddof=1)} | {_mean_std(ml, ddof=1)} | {len(rows)} | "
                      f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} | {W} | {identity} | "
                      f"{large} | {over_features} |")

@@ -90,7 +90,7 @@ MUTATIONS = [  # (name, the line as it is in spd.py, the bug)
     ("fast path: h reused for an input that only has the same shape",
      "if a is a0 or (a.shape == a0.shape and torch.equal(a, a0)):", "if a.shape == a0.shape:"),
     ("ML2R from the longest subcomponent, not the best-aligned one",
-     "ratio = norms.gather(0, idx[None])[0] / W_norms", "ratio = norms.max(0).values / W_norms"),
+     "return best, norms.gather(0, idx[None])[0] / W_norms", "return best, norms.max(0).values / W_norms"),
     ("MMCS's cosine not normalised by the subcomponent's length",
      "cos = torch.einsum(\"coj,oj->cj\", sub, W) / ((norms + 1e-12) * (W_norms + 1e-12))  # [C, d_in]",
      "cos = torch.einsum(\"coj,oj->cj\", sub, W) / (W_norms + 1e-12) ** 2  # [C, d_in]"),

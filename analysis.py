@@ -1127,14 +1127,14 @@ def tms_table(runs) -> str:
             continue
         mm, ml = ([m[key] for _, _, m in rows] for key in ("mmcs", "ml2r"))
         steps = sorted({c["spd"]["steps"] for _, c, _ in rows})
-        per_seed = lambda key, n: f"{', '.join(str(m.get(key, '?')) for _, _, m in rows)} ({n})"  # noqa: E731
+        per_seed = lambda key, fmt=str: ", ".join(fmt(m[key]) if key in m else "?" for _, _, m in rows)  # noqa: E731
         target = rows[0][1]["target"]
-        W = per_seed("linear1/n_large_subcomponents", target["n_features"])
-        identity = per_seed("hidden_layers.0/n_large_subcomponents", target["n_hidden"]) if model.endswith("-id") else "–"
+        W = f"{per_seed('linear1/n_large_subcomponents')} ({target['n_features']})"
+        identity = f"{per_seed('hidden_layers.0/n_large_subcomponents')} ({target['n_hidden']})" if model.endswith("-id") else "–"
         large = [m["ml2r_large"] for _, _, m in rows if "ml2r_large" in m]
         large = f"{sum(large) / len(large):.3f} ({len(large)} seed{'s' * (len(large) > 1)})" if large else "–"
-        over_features = [m.get("ml2r_std_over_features") for _, _, m in rows]
-        over_features = ", ".join("?" if v is None else f"{v:.3f}" for v in over_features) if any(v is not None for v in over_features) else "–"
+        over_features = ("–" if not any("ml2r_std_over_features" in m for _, _, m in rows)
+                         else per_seed("ml2r_std_over_features", "{:.3f}".format))
         lines.append(f"| {model} | {_mean_std(mm, ddof=1)} | {_mean_std(ml, ddof=1)} | {len(rows)} | "
                      f"{'/'.join(map(str, steps))} | {PAPER_TMS[model][0]} | {PAPER_TMS[model][1]} | {W} | {identity} | "
                      f"{large} | {over_features} |")

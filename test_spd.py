@@ -1351,7 +1351,7 @@ def test_report_tables_tms_mean_std_identity_count_and_resid_per_layer(tmp_path)
 
     fake_run("a", "tms_5-2", 0, {"mmcs": 1.0, "ml2r": 0.99, "linear1/n_large_subcomponents": 5, "ml2r_large": 0.99})
     fake_run("b", "tms_5-2", 1, {"mmcs": 0.98, "ml2r": 1.01, "linear1/n_large_subcomponents": 4, "ml2r_large": 1.02,
-                                         "ml2r_std_over_features": 0.0123})  # evaluated since it was recorded
+                                 "ml2r_std_over_features": 0.0123})  # evaluated since it was recorded
     fake_run("c", "tms_5-2-id", 0, {"mmcs": 1.0, "ml2r": 1.0, "hidden_layers.0/n_large_subcomponents": 2})
     analysis.report(tmp_path, tmp_path / "out")
     md = (tmp_path / "out" / "tms_table1.md").read_text()
